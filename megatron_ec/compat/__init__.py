@@ -1,0 +1,6 @@
+"""Adapts Megatron-Core to the machine. The only package allowed to patch Megatron-Core."""
+
+from megatron_ec.compat.cpu_gloo import CompatError, apply_cpu_compat
+from megatron_ec.compat.torch_norm import SequenceParallelTorchNorm
+
+__all__ = ["CompatError", "SequenceParallelTorchNorm", "apply_cpu_compat"]

@@ -1,0 +1,21 @@
+# The two fresh-machine commands: `make demo` and `make test`. Both create .venv/ when missing.
+SHELL := /bin/bash
+VENV_PY := .venv/bin/python
+export TORCH_COMPILE_DISABLE := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install test demo clean
+
+install:
+	@bash tools/install_env.sh
+
+test: install
+	$(VENV_PY) -m pytest -q tests
+
+demo: install
+	bash examples/finetune_condenser.sh
+
+clean:
+	rm -rf runs .pytest_cache

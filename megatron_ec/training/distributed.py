@@ -1,0 +1,34 @@
+"""Data-parallel wrapping and gradient finalisation through Megatron-Core's own DDP.
+
+Megatron's DDP runs on CPU/gloo with the compat shim; it all-reduces gradients over the data-parallel
+(and expert-data-parallel) groups and, in `finalize_model_grads`, the sequence-parallel gradients
+(norms, router, shared-expert gate) over the tensor-parallel group. Gradients land in `main_grad`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def wrap_ddp(model: torch.nn.Module, tcfg):
+    """Wrap a GPTModel in Megatron-Core's DistributedDataParallel (fp32 gradient buffers)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    return DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+
+
+def finalize_grads(ddp_model) -> None:
+    """Reduce the gradients of one optimizer step across ranks (call once after the last backward)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads([ddp_model])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
