@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
-from megatron_ec.models.layout import full_tensors
+from megatron_ec.models.layout import full_tensors, load_full_tensors
 from megatron_ec.parallel import ParallelConfig, init_parallel
 from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from tests.harness import run_on_ranks
@@ -42,7 +42,21 @@ def layouts_worker(tmp_dir):
     cross = {"saved": _eval_loss((2, 2), cross_ckpt, save=True)}
     for layout in LAYOUTS:
         cross[layout] = _eval_loss(layout, cross_ckpt, save=False)
-    return (results, cross) if dist.get_rank() == 0 else None
+    roundtrip = _shard_roundtrip()
+    return (results, cross, roundtrip) if dist.get_rank() == 0 else None
+
+
+def _shard_roundtrip() -> float:
+    """TP1/EP1 tensors sliced into a TP2/EP2 model and gathered back: max abs difference."""
+    init_parallel(ParallelConfig(), seed=3)
+    reference = full_tensors(build_tiny(ParallelConfig())[0])
+    layout = ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    init_parallel(layout, seed=4)
+    model, _ = build_tiny(layout)
+    load_full_tensors(model, reference)
+    back = full_tensors(model)
+    assert back.keys() == reference.keys()
+    return max((back[k] - reference[k]).abs().max().item() for k in reference)
 
 
 def _eval_loss(layout, ckpt_dir, save: bool) -> float:
@@ -60,7 +74,7 @@ def _eval_loss(layout, ckpt_dir, save: bool) -> float:
 
 
 def test_layouts_match_tp1_ep1(tmp_path):
-    results, cross = run_on_ranks(layouts_worker, world_size=4, args=(str(tmp_path),),
+    results, cross, roundtrip = run_on_ranks(layouts_worker, world_size=4, args=(str(tmp_path),),
                                   timeout=600)[0]
     ref_loss, ref_grads = results[(1, 1)]
     checked = {"router": 0, "experts": 0, "norm": 0}
@@ -74,6 +88,7 @@ def test_layouts_match_tp1_ep1(tmp_path):
                 checked[kind] += kind in name or (kind == "norm" and "layernorm" in name)
     assert all(checked.values()), checked
     assert any(g.abs().sum() > 0 for n, g in ref_grads.items() if "router" in n)
+    assert roundtrip == 0.0, "full -> TP2/EP2 shards -> full must be bitwise"
     saved = cross.pop("saved")
     for layout, loss in cross.items():
         assert loss == saved, f"checkpoint from TP2/EP2 at {layout}: {loss!r} vs {saved!r}"

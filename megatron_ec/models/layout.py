@@ -96,3 +96,54 @@ def _num_local_experts(expert_tensors: dict[str, torch.Tensor]) -> int:
         match = _SEQUENTIAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name)
         ids.add(int(match.group(1) if match.re is _SEQUENTIAL_EXPERT else match.group(3)))
     return len(ids)
+
+
+def _shard(name: str, param: torch.nn.Parameter, full: torch.Tensor, rank: int, size: int,
+           gated: bool) -> torch.Tensor:
+    """This rank's TP slice of a full tensor (the inverse of `_unshard`)."""
+    if not getattr(param, "tensor_model_parallel", False) or size == 1:
+        return full
+    dim = param.partition_dim
+    if gated and re.search(r"linear_fc1\.(weight|bias)\d*$", name):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def local_expert_offset(model: torch.nn.Module) -> int:
+    """Global id of this rank's first routed expert (experts are placed contiguously per EP rank)."""
+    from megatron.core import parallel_state as ps
+
+    names = [n.removeprefix("module.") for n, _ in model.named_parameters() if is_expert_param(n)]
+    return ps.get_expert_model_parallel_rank() * _num_local_experts(dict.fromkeys(names))
+
+
+def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor],
+                      gated: bool = True, strict: bool = True) -> None:
+    """Copy TP1/EP1 tensors (names as `full_tensors` returns them) into this rank's slices.
+
+    Args:
+        model: the (unwrapped) Megatron model on this rank.
+        full: {TP1/EP1 parameter name: full tensor}; extra entries are ignored unless `strict`.
+        gated: the MLPs are gated (SwiGLU).
+        strict: every parameter of the model must be present in `full`.
+    """
+    from megatron.core import parallel_state as ps
+
+    offset = local_expert_offset(model)
+    tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    etp = (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
+    for name, param in model.named_parameters():
+        name = name.removeprefix("module.")
+        expert = is_expert_param(name)
+        key = global_expert_name(name, offset) if expert else name
+        if key not in full:
+            if strict:
+                raise KeyError(f"no tensor for Megatron parameter {key}")
+            continue
+        rank, size = etp if expert else tp
+        piece = _shard(name, param, full[key], rank, size, gated)
+        if piece.shape != param.shape:
+            raise ValueError(f"{key}: shard shape {tuple(piece.shape)} != parameter {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(piece.to(param.dtype))
