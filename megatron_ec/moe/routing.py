@@ -359,9 +359,9 @@ def route(
     Paper mode (Eq. 2-3, 6): slots = J ∪ TopK_{i∉J}(key, k - r), gate weights from the unbiased
     logits. Reference mode (public code): slots = TopK(key, k) ++ J, gate weights from the score
     function applied to s + b, also when r = 0 (sigmoid: sigmoid(s + b), an extrapolation; the code
-    has no sigmoid family); a condenser also in the top-k gets both weights summed and its extra slot goes to a
-    zero-weight placeholder (the lowest-id expert not otherwise selected). Weights are
-    renormalised over the slots iff `norm_topk_prob` (duplicates counted twice), then scaled.
+    has no sigmoid family); a condenser also in the top-k gets both weights summed and its extra
+    slot goes to a zero-weight placeholder (the lowest-id expert not otherwise selected). Weights
+    are renormalised over the slots iff `norm_topk_prob` (duplicates counted twice), then scaled.
 
     Args:
         logits_TE: router logits s [T, E]; cast to fp32.
