@@ -4,9 +4,14 @@ See ``README.md`` in this folder for the formats, the API and the batch contract
 """
 
 from megatron_ec.data.config import DataConfig
+from megatron_ec.data.encoding import ChatEncoder, load_tokenizer
 from megatron_ec.data.errors import DataError
+from megatron_ec.data.templates import resolve_chat_template
 
 __all__ = [
+    "ChatEncoder",
     "DataConfig",
     "DataError",
+    "load_tokenizer",
+    "resolve_chat_template",
 ]
