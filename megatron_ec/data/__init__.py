@@ -3,15 +3,21 @@
 See ``README.md`` in this folder for the formats, the API and the batch contract.
 """
 
+from megatron_ec.data.batch import BATCH_KEYS, collate
 from megatron_ec.data.config import DataConfig
+from megatron_ec.data.dataset import PackedDataset, build_sft_dataset
 from megatron_ec.data.encoding import ChatEncoder, load_tokenizer
 from megatron_ec.data.errors import DataError
 from megatron_ec.data.templates import resolve_chat_template
 
 __all__ = [
+    "BATCH_KEYS",
     "ChatEncoder",
     "DataConfig",
     "DataError",
+    "PackedDataset",
+    "build_sft_dataset",
+    "collate",
     "load_tokenizer",
     "resolve_chat_template",
 ]
