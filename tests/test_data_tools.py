@@ -93,3 +93,18 @@ def test_demo_data_flows_through_the_pipeline(tiny_model_dir, demo):
     targets = row["labels"][:first_length][row["loss_mask"][:first_length] > 0]
     output = _records(demo[0])[dataset.samples_in_row(0)[0]]["output"]
     assert tokenizer.decode(targets) == output + "</s>"
+
+
+def test_load_tokenizer_reads_a_bare_sentencepiece_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    import sentencepiece
+
+    shutil.copy(f"{tiny_model_dir}/tokenizer.model", tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(str(tmp_path))
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    text = "Ava has 12 apples.\nThe answer is 12"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference.encode(text)
+    assert tokenizer.eos_token == "</s>"
+    with pytest.raises(ValueError, match="no tokenizer.json or tokenizer.model"):
+        load_tokenizer(str(tmp_path / "missing"))

@@ -23,10 +23,9 @@ import argparse
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
-
-from megatron_ec.data.templates import ALPACA_PREAMBLE
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 """SentencePiece ids 0-3, in this order."""
@@ -38,6 +37,8 @@ def corpus_lines(corpus_files: Sequence[str]) -> Iterator[str]:
     Each JSONL record also contributes the ``alpaca`` template's fixed lines, as its rendering
     will, so the template text gets pieces of its own.
     """
+    from megatron_ec.data.templates import ALPACA_PREAMBLE
+
     template_lines = [ALPACA_PREAMBLE, "### Instruction:", "### Response:"]
     for path in corpus_files:
         with open(path, encoding="utf-8") as stream:
@@ -133,6 +134,8 @@ def make_tiny_qwen2_moe(out_dir: str, corpus_files: Sequence[str], vocab_size: i
 
 def main() -> None:
     """Command-line entry point."""
+    # Run as a script, the repository root is not on the path; the tool needs megatron_ec.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--corpus", required=True, nargs="+", help="tokenizer training text")

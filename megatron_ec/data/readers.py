@@ -54,7 +54,7 @@ def read_records(path: str) -> Iterator[Record]:
 
 def _read_jsonl(path: str) -> Iterator[Record]:
     """Parses JSON Lines one line at a time, so a bad line is reported with its number."""
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:  # Tolerates a byte-order mark.
         for line_number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
@@ -69,7 +69,7 @@ def _read_jsonl(path: str) -> Iterator[Record]:
 
 
 def _read_json_array(path: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as stream:
+    with open(path, encoding="utf-8-sig") as stream:  # Tolerates a byte-order mark.
         try:
             content = json.load(stream)
         except json.JSONDecodeError as error:
