@@ -15,13 +15,18 @@ from tests.tiny import build_tiny, forward_loss, tiny_batch
 LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
-def _loss_and_grads(parallel: ParallelConfig, ckpt_dir, save: bool):
-    init_parallel(parallel, seed=1234)
+def _model_from_checkpoint(layout, ckpt_dir, save: bool, seed: int):
+    """A tiny model at `layout` that writes its own initial weights to, or reads them from, ckpt."""
+    parallel = ParallelConfig(tensor_model_parallel_size=layout[0],
+                              expert_model_parallel_size=layout[1])
+    init_parallel(parallel, seed=seed)
     model, tcfg = build_tiny(parallel)
-    if save:
-        save_model_weights(model, ckpt_dir)
-    else:
-        load_model_weights(model, ckpt_dir)
+    (save_model_weights if save else load_model_weights)(model, ckpt_dir)
+    return model, tcfg
+
+
+def _loss_and_grads(layout, ckpt_dir, save: bool):
+    model, tcfg = _model_from_checkpoint(layout, ckpt_dir, save, seed=1234)
     ddp = wrap_ddp(model, tcfg)
     ddp.zero_grad_buffer()
     loss = forward_loss(ddp, tiny_batch())
@@ -34,9 +39,8 @@ def layouts_worker(tmp_dir):
     """Rank 0 returns {layout: (loss, grads)} for a TP1/EP1 checkpoint loaded at every layout."""
     ref_ckpt = f"{tmp_dir}/tp1ep1"
     results = {}
-    for tp, ep in LAYOUTS:
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-        results[(tp, ep)] = _loss_and_grads(parallel, ref_ckpt, save=(tp, ep) == (1, 1))
+    for layout in LAYOUTS:
+        results[layout] = _loss_and_grads(layout, ref_ckpt, save=layout == (1, 1))
     # A checkpoint written at TP2/EP2 (its own initialisation) read back at every layout.
     cross_ckpt = f"{tmp_dir}/tp2ep2"
     cross = {"saved": _eval_loss((2, 2), cross_ckpt, save=True)}
@@ -60,14 +64,7 @@ def _shard_roundtrip() -> float:
 
 
 def _eval_loss(layout, ckpt_dir, save: bool) -> float:
-    parallel = ParallelConfig(tensor_model_parallel_size=layout[0],
-                              expert_model_parallel_size=layout[1])
-    init_parallel(parallel, seed=99)
-    model, _ = build_tiny(parallel)
-    if save:
-        save_model_weights(model, ckpt_dir)
-    else:
-        load_model_weights(model, ckpt_dir)
+    model, _ = _model_from_checkpoint(layout, ckpt_dir, save, seed=99)
     model.eval()
     with torch.no_grad():
         return forward_loss(model, tiny_batch(seed=5)).item()
