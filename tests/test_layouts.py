@@ -12,13 +12,15 @@ from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from tests.harness import run_on_ranks
 from tests.tiny import build_tiny, forward_loss, tiny_batch
 
-LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+# (TP, EP, expert-TP)
+LAYOUTS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)]
 
 
 def _model_from_checkpoint(layout, ckpt_dir, save: bool, seed: int):
     """A tiny model at `layout` that writes its own initial weights to, or reads them from, ckpt."""
     parallel = ParallelConfig(tensor_model_parallel_size=layout[0],
-                              expert_model_parallel_size=layout[1])
+                              expert_model_parallel_size=layout[1],
+                              expert_tensor_parallel_size=layout[2])
     init_parallel(parallel, seed=seed)
     model, tcfg = build_tiny(parallel)
     (save_model_weights if save else load_model_weights)(model, ckpt_dir)
@@ -40,10 +42,10 @@ def layouts_worker(tmp_dir):
     ref_ckpt = f"{tmp_dir}/tp1ep1"
     results = {}
     for layout in LAYOUTS:
-        results[layout] = _loss_and_grads(layout, ref_ckpt, save=layout == (1, 1))
+        results[layout] = _loss_and_grads(layout, ref_ckpt, save=layout == (1, 1, 1))
     # A checkpoint written at TP2/EP2 (its own initialisation) read back at every layout.
     cross_ckpt = f"{tmp_dir}/tp2ep2"
-    cross = {"saved": _eval_loss((2, 2), cross_ckpt, save=True)}
+    cross = {"saved": _eval_loss((2, 2, 1), cross_ckpt, save=True)}
     for layout in LAYOUTS:
         cross[layout] = _eval_loss(layout, cross_ckpt, save=False)
     roundtrip = _shard_roundtrip()
@@ -73,7 +75,7 @@ def _eval_loss(layout, ckpt_dir, save: bool) -> float:
 def test_layouts_match_tp1_ep1(tmp_path):
     results, cross, roundtrip = run_on_ranks(layouts_worker, world_size=4, args=(str(tmp_path),),
                                   timeout=600)[0]
-    ref_loss, ref_grads = results[(1, 1)]
+    ref_loss, ref_grads = results[(1, 1, 1)]
     checked = {"router": 0, "experts": 0, "norm": 0}
     for layout, (loss, grads) in results.items():
         assert abs(loss - ref_loss) < 1e-5, f"{layout}: loss {loss} vs TP1/EP1 {ref_loss}"
