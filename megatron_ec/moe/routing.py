@@ -339,7 +339,7 @@ def _slots(key_TE: torch.Tensor, cfg: RoutingConfig, condensers_R: torch.Tensor)
     return torch.cat([dynamic_TK, forced_TR], dim=1)
 
 
-def _add_placeholders(routing_map_TE: torch.Tensor, count: int) -> torch.Tensor:
+def add_placeholders(routing_map_TE: torch.Tensor, count: int) -> torch.Tensor:
     """Marks the lowest-id unselected experts until every row has `count` True entries."""
     missing_T = count - routing_map_TE.sum(dim=-1)
     free_TE = ~routing_map_TE
@@ -394,7 +394,7 @@ def route(
     probs_TE = torch.zeros_like(logits_TE).scatter_add(1, slots_TK, weights_TK)
     routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, slots_TK, True)
     if not mode.dynamic_excludes_condensers:
-        routing_map_TE = _add_placeholders(routing_map_TE, count)
+        routing_map_TE = add_placeholders(routing_map_TE, count)
     assert bool((routing_map_TE.sum(dim=-1) == count).all()), "routing_map row sum != num_slots"
     return probs_TE, routing_map_TE
 
