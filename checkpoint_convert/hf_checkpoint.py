@@ -61,24 +61,25 @@ class _Source:
         return (shape[1] // self.num_parts, *shape[2:])
 
     def read(self, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along `dim`; rows past the end come back as zeros (vocab padding)."""
+        """Rows [start, stop) along `dim`, cut at the end of the tensor."""
         shape = self.shape
-        end = min(stop, shape[dim])
-        begin = min(start, end)
         index = [slice(None)] * len(shape)
-        index[dim] = slice(begin, end)
+        index[dim] = slice(min(start, shape[dim]), min(stop, shape[dim]))
         if self.expert is None:
-            piece = self.tensor[tuple(index)]
-        else:
-            offset = self.part * shape[0]
-            rows = index[0]
-            index[0] = slice(offset + (rows.start or 0), offset + (rows.stop or shape[0]))
-            piece = self.tensor[(slice(self.expert, self.expert + 1), *index)][0]
-        if end - begin == stop - start:
-            return piece
-        pad_shape = list(piece.shape)
-        pad_shape[dim] = stop - start - (end - begin)
-        return torch.cat([piece, piece.new_zeros(pad_shape)], dim=dim)
+            return self.tensor[tuple(index)]
+        offset = self.part * shape[0]
+        rows = index[0]
+        index[0] = slice(offset + (rows.start or 0), offset + (rows.stop or shape[0]))
+        return self.tensor[(slice(self.expert, self.expert + 1), *index)][0]
+
+
+def _zero_pad(piece: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Append zero rows along `dim` up to `length` (Megatron's vocab padding)."""
+    if piece.shape[dim] == length:
+        return piece
+    pad_shape = list(piece.shape)
+    pad_shape[dim] = length - piece.shape[dim]
+    return torch.cat([piece, piece.new_zeros(pad_shape)], dim=dim)
 
 
 class HFCheckpoint:
@@ -89,6 +90,8 @@ class HFCheckpoint:
         self._aliases = [(pattern_regex(alt), canon) for alt, canon in family.hf_aliases.items()]
         self._fused = [(pattern_regex(f.fused), f) for f in family.fused_experts]
         self._sources: dict[str, _Source] = {}
+        self.bytes_read = 0
+        """Bytes this process has read so far (a rank reads only its slices)."""
         for path in weight_files(self.hf_dir):
             for key, tensor in _open(path).items():
                 for name, source in self._canonical(_Source(path, key, tensor)):
@@ -111,7 +114,15 @@ class HFCheckpoint:
              ) -> torch.Tensor:
         """Rows [start, stop) of `name` along `dim` (whole tensor by default), zero past the end."""
         source = self._sources[name]
-        return source.read(dim, start, source.shape[dim] if stop is None else stop)
+        stop = source.shape[dim] if stop is None else stop
+        piece = source.read(dim, start, stop)
+        self.bytes_read += piece.numel() * piece.element_size()
+        return _zero_pad(piece, dim, stop - start)
+
+    def total_bytes(self) -> int:
+        """Size of every tensor of the checkpoint, in its on-disk dtype."""
+        return sum(torch.Size(s.shape).numel() * (s.tensor.dtype.itemsize if s.tensor.dtype else 0)
+                   for s in self._sources.values())
 
     def _canonical(self, source: _Source) -> list[tuple[str, _Source]]:
         for regex, canonical in self._aliases:
