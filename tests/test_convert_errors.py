@@ -102,9 +102,14 @@ CASES = [missing_tensor, unexpected_tensor, shape_mismatch, experts_not_divisibl
          unsupported_setting, export_not_a_checkpoint]
 
 
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _launch(argv: list) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_COMPILE_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # A plain `python -m` launch: none of the rendezvous variables in-process tests have set.
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
+    env.update(PYTHONPATH=str(ROOT), TORCH_COMPILE_DISABLE="1", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, "-m", "checkpoint_convert", *map(str, argv)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
