@@ -13,8 +13,8 @@ import torch
 from checkpoint_convert.__main__ import main
 from checkpoint_convert.exporter import export_hf
 from checkpoint_convert.importer import import_hf
-from checkpoint_convert.model import build_model, set_routing_state
-from checkpoint_convert.verify import load_megatron, megatron_logits, open_checkpoint
+from checkpoint_convert.model import build_model, load_megatron, open_checkpoint, set_routing_state
+from checkpoint_convert.verify import megatron_logits
 from megatron_ec.eval.hf_routing import read_routing_file, restore_condenser_routing
 from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS, publish, staging_dir, write_model_meta
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
