@@ -38,6 +38,7 @@ from megatron_ec.models.family import Family, get_family
 from megatron_ec.moe.method_state import MethodState
 from megatron_ec.parallel import ParallelConfig
 
+
 @dataclass(frozen=True)
 class ImportReport:
     """What `import_hf` did on this rank."""

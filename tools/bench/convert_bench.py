@@ -83,16 +83,18 @@ def write_synthetic(out: Path) -> int:
 
 
 def worker(args) -> None:
-    """One rank of one conversion; writes {seconds, max_rss_gb} to REPORT.rank<r>.json."""
+    """One rank of one conversion; writes {seconds, cpu_seconds, max_rss_gb} to
+    REPORT.rank<r>.json (CPU time: the rest of the wall time is I/O wait)."""
     from checkpoint_convert.__main__ import main
 
     start = time.perf_counter()
     code = main(args.argv)
     seconds = time.perf_counter() - start
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report = {"exit": code, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+              "max_rss_gb": usage.ru_maxrss * 1024 / 1e9}  # ru_maxrss is in KiB on Linux
     rank = os.environ.get("RANK", "0")
-    Path(f"{args.report}.rank{rank}.json").write_text(
-        json.dumps({"exit": code, "seconds": seconds, "max_rss_gb": rss_gb}))
+    Path(f"{args.report}.rank{rank}.json").write_text(json.dumps(report))
     sys.exit(code)
 
 
@@ -110,6 +112,7 @@ def run_step(name: str, nproc: int, argv: list[str], work: Path, nbytes: int) ->
     return {"ranks": nproc, "wall_seconds": round(wall, 2),
             "convert_seconds": round(max(r["seconds"] for r in ranks), 2),
             "gb_per_s": round(nbytes / 1e9 / max(r["seconds"] for r in ranks), 3),
+            "cpu_seconds_per_rank": [round(r["cpu_seconds"], 2) for r in ranks],
             "max_rss_gb_per_rank": [round(r["max_rss_gb"], 2) for r in ranks]}
 
 
