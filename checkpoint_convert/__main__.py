@@ -1,6 +1,6 @@
 """HF <-> megatron_ec checkpoints.
 
-    python -m checkpoint_convert import --hf DIR --out CKPT [--tp N --ep M] [--overwrite]
+    python -m checkpoint_convert import --hf DIR --out CKPT [--tp N --ep M --etp K] [--overwrite]
     torchrun --nproc-per-node 4 -m checkpoint_convert import --hf DIR --out CKPT --tp 2 --ep 2
     python -m checkpoint_convert export --ckpt CKPT --out DIR [--dtype fp32|bf16|fp16]
                                         [--max-shard-size 5GB] [--overwrite]
@@ -49,10 +49,12 @@ def _run_import(args) -> int:
     from megatron_ec.parallel import ParallelConfig
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
-                              expert_model_parallel_size=args.ep)
+                              expert_model_parallel_size=args.ep,
+                              expert_tensor_parallel_size=args.etp)
     report = import_hf(args.hf, args.out, parallel, overwrite=args.overwrite)
-    _say(f"checkpoint_convert: imported {args.hf} -> {report.iteration} (TP{args.tp}/EP{args.ep}; "
-         f"rank 0 read {report.bytes_read / 1e6:.1f} of {report.bytes_total / 1e6:.1f} MB)")
+    _say(f"checkpoint_convert: imported {args.hf} -> {report.iteration} (TP{args.tp}/EP{args.ep}/"
+         f"ETP{args.etp}; rank 0 read {report.bytes_read / 1e6:.1f} of "
+         f"{report.bytes_total / 1e6:.1f} MB)")
     return 0
 
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="checkpoint directory to create")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     imp.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    imp.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     imp.set_defaults(run=_run_import)
     exp = commands.add_parser("export", help="megatron_ec checkpoint -> HF directory")

@@ -2,9 +2,10 @@
 
 One process: the checkpoint (any layout) is loaded at TP1/EP1 in the dtype it was stored in, then
 every rule's HF tensors are produced one entry at a time and streamed into safetensors shards
-whose headers are planned from the rule table (peak memory: the model plus about one tensor). Tensors get the hub's per-expert names, vocab padding is
-trimmed, and the dtype is the original HF dtype unless `--dtype` says otherwise. The routing state
-goes to `megatron_ec_routing.json` (see `megatron_ec.eval.hf_routing`).
+whose headers are planned from the rule table (peak memory: the model plus about one tensor).
+Tensors get the hub's per-expert names, vocab padding is trimmed, and the dtype is the original
+HF dtype unless `--dtype` says otherwise. The routing state goes to `megatron_ec_routing.json`
+(see `megatron_ec.eval.hf_routing`).
 """
 
 from __future__ import annotations

@@ -87,16 +87,17 @@ def model_config(family: Family, hf_config, where: str) -> MoEModelConfig:
 def check_layout(cfg: MoEModelConfig, parallel: ParallelConfig) -> None:
     """The model splits evenly over the requested TP/EP layout."""
     tp, ep = parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size
     checks = [
-        ("--ep", cfg.num_experts % ep == 0, f"{cfg.num_experts} experts"),
-        ("--tp", cfg.kv_heads % tp == 0, f"{cfg.kv_heads} KV heads (query groups)"),
-        ("--tp", cfg.num_attention_heads % tp == 0, f"{cfg.num_attention_heads} attention heads"),
-        ("--tp", (cfg.ffn_hidden_size or 0) % tp == 0, f"dense MLP size {cfg.ffn_hidden_size}"),
-        ("--tp", cfg.shared_expert_size % tp == 0, f"shared expert size {cfg.shared_expert_size}"),
+        ("--ep", ep, cfg.num_experts, f"{cfg.num_experts} experts"),
+        ("--etp", etp, cfg.moe_ffn_hidden_size, f"expert size {cfg.moe_ffn_hidden_size}"),
+        ("--tp", tp, cfg.kv_heads, f"{cfg.kv_heads} KV heads (query groups)"),
+        ("--tp", tp, cfg.num_attention_heads, f"{cfg.num_attention_heads} attention heads"),
+        ("--tp", tp, cfg.ffn_hidden_size or 0, f"dense MLP size {cfg.ffn_hidden_size}"),
+        ("--tp", tp, cfg.shared_expert_size, f"shared expert size {cfg.shared_expert_size}"),
     ]
-    for flag, ok, what in checks:
-        if not ok:
-            size = ep if flag == "--ep" else tp
+    for flag, size, count, what in checks:
+        if count % size:
             raise ConversionError(f"{flag} {size}", f"{what} do not split over {size} ranks",
                                   f"choose a {flag} that divides it")
 

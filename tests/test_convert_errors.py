@@ -1,5 +1,5 @@
 """User errors through the real CLI (subprocesses, run concurrently): one line on stderr,
-`checkpoint_convert: error: <where>: <what>; <fix>`, exit status 2, no traceback, nothing written."""
+`checkpoint_convert: error: <where>: <what>; <fix>`, exit 2, no traceback, nothing written."""
 
 from __future__ import annotations
 
