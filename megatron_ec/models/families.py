@@ -1,1 +1,4 @@
 """Imports every family adapter so that it registers itself (one line per family)."""
+
+import megatron_ec.models.olmoe  # noqa: F401
+import megatron_ec.models.deepseek_v2  # noqa: F401

@@ -1,0 +1,145 @@
+"""OLMoE (`OlmoeForCausalLM`, model_type "olmoe") <-> Megatron-Core.
+
+Facts from transformers 5.23 `models/olmoe/modeling_olmoe.py`:
+- softmax router over all experts, top-k, renormalised only if `norm_topk_prob` (default False;
+  OLMoE-1B-7B-0924 ships False); no shared expert, no dense layer, no router bias;
+- QK-norm is an RMSNorm over the WHOLE projection (`q_norm` over num_heads * head_dim,
+  `k_norm` over num_kv_heads * head_dim), applied before the heads are split and before RoPE;
+- rotate-half RoPE (`rope_type` "default"), every norm uses `rms_norm_eps`.
+HF tensor names are the hub (on-disk) names: per-expert `gate_proj`/`up_proj`/`down_proj`.
+"""
+
+from __future__ import annotations
+
+from megatron_ec.models.attention import with_full_width_qk_norm
+from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.family import Family, Rule, register
+from megatron_ec.models.transforms import (
+    fuse_gated,
+    fuse_qkv,
+    pad_vocab,
+    split_gated,
+    split_qkv,
+    trim_vocab,
+)
+
+# MoEModelConfig field <- HF config attribute (copied as is in both directions).
+CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "num_experts": "num_experts",
+    "topk": "num_experts_per_tok",
+    "moe_ffn_hidden_size": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "norm_topk_prob": "norm_topk_prob",
+    "aux_loss_coeff": "router_aux_loss_coef",
+    "init_std": "initializer_range",
+}
+
+LAYER = "decoder.layers.{layer}."
+HF_LAYER = "model.layers.{layer}."
+EXPERT = LAYER + "mlp.experts.local_experts.{expert}."
+HF_EXPERT = HF_LAYER + "mlp.experts.{expert}."
+
+
+def _unsupported(hf_config) -> list[str]:
+    """HF settings this adapter cannot reproduce in Megatron-Core."""
+    rope = hf_config.rope_parameters or {}
+    head_dim = getattr(hf_config, "head_dim", None)
+    checks = {
+        "clip_qkv is set (q/k/v clamping has no Megatron-Core equivalent)":
+            hf_config.clip_qkv is not None,
+        # attention_bias also puts a bias on o_proj; MCore's add_bias_linear would bias every linear
+        "attention_bias=True": bool(hf_config.attention_bias),
+        f"hidden_act={hf_config.hidden_act!r} (only 'silu')": hf_config.hidden_act != "silu",
+        f"rope_type={rope.get('rope_type')!r} (only 'default')":
+            rope.get("rope_type", "default") != "default",
+        # q_norm is built over hidden_size: only equal to the q width when head_dim is implied
+        "head_dim != hidden_size / num_attention_heads":
+            head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads),
+    }
+    return [message for message, bad in checks.items() if bad]
+
+
+def _rope_theta(hf_config) -> float:
+    # transformers 5 keeps rope_theta inside rope_parameters (hub files may still say rope_theta)
+    return float((hf_config.rope_parameters or {}).get("rope_theta", 10000.0))
+
+
+def _full_width_qk_norm(model_cfg: MoEModelConfig):
+    """OLMoE normalises q and k over all heads at once (not per head as MCore's qk_layernorm)."""
+
+    def hook(block_spec):
+        return with_full_width_qk_norm(block_spec, model_cfg.num_attention_heads,
+                                       model_cfg.kv_heads)
+
+    return hook
+
+
+def _global_rules(cfg: MoEModelConfig) -> list[Rule]:
+    rules = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
+             pad_vocab, trim_vocab),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    ]
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("output_layer.weight", ("lm_head.weight",), pad_vocab, trim_vocab))
+    return rules
+
+
+def _attention_rules() -> list[Rule]:
+    attn = HF_LAYER + "self_attn."
+    return [
+        Rule(LAYER + "input_layernorm.weight", (HF_LAYER + "input_layernorm.weight",)),
+        Rule(LAYER + "self_attention.linear_qkv.weight",
+             (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+             fuse_qkv, split_qkv),
+        Rule(LAYER + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",)),
+        Rule(LAYER + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",)),
+        Rule(LAYER + "self_attention.linear_proj.weight", (attn + "o_proj.weight",)),
+        Rule(LAYER + "pre_mlp_layernorm.weight", (HF_LAYER + "post_attention_layernorm.weight",)),
+    ]
+
+
+def _moe_rules() -> list[Rule]:
+    return [
+        Rule(LAYER + "mlp.router.weight", (HF_LAYER + "mlp.gate.weight",), layers="moe"),
+        Rule(EXPERT + "linear_fc1.weight",
+             (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight"),
+             fuse_gated, split_gated, layers="moe"),
+        Rule(EXPERT + "linear_fc2.weight", (HF_EXPERT + "down_proj.weight",), layers="moe"),
+    ]
+
+
+@register
+class OlmoeFamily(Family):
+    """OLMoE-1B-7B and its fine-tunes."""
+
+    model_type = "olmoe"
+    ignored_hf_keys = (r"\.rotary_emb\.inv_freq$",)
+
+    def to_model_config(self, hf_config) -> MoEModelConfig:
+        problems = _unsupported(hf_config)
+        if problems:
+            raise ValueError("olmoe: unsupported HF config: " + "; ".join(problems))
+        fields = {ours: getattr(hf_config, theirs) for ours, theirs in CONFIG_FIELDS.items()}
+        return MoEModelConfig(
+            **fields, rope_theta=_rope_theta(hf_config), normalization="RMSNorm",
+            qk_norm="full", score_function="softmax",
+        )
+
+    def to_hf_config(self, model_cfg: MoEModelConfig, original: dict) -> dict:
+        hf = dict(original)
+        hf.update({theirs: getattr(model_cfg, ours) for ours, theirs in CONFIG_FIELDS.items()})
+        return hf
+
+    def rules(self, model_cfg: MoEModelConfig) -> list[Rule]:
+        return _global_rules(model_cfg) + _attention_rules() + _moe_rules()
+
+    def attention_hook(self, model_cfg: MoEModelConfig):
+        return _full_width_qk_norm(model_cfg)

@@ -1,0 +1,291 @@
+"""In-memory HF <-> Megatron parity for family adapters (no files, no hub).
+
+A tiny random HF model (config only) is the reference. Its checkpoint tensors (hub names, as
+`save_pretrained` writes them) go through the family's `Rule` table into TP1/EP1 Megatron tensors,
+which `load_full_tensors` slices into a model at any layout. Checks:
+- `hf_to_megatron` maps every HF tensor exactly once (or it matches `ignored_hf_keys`) and every
+  Megatron parameter is produced; `megatron_to_hf` gives every HF tensor back bitwise;
+- Megatron logits (fp32, vocabulary padding trimmed) match HF's, and so do the gradients of a
+  cross-entropy loss, mapped back to HF names through the same rules.
+
+Usage in a test module (one 4-rank launch covers every case and layout):
+
+    refs = {case: hf_reference(hf_config) for case, hf_config in CASES.items()}
+    configs = {case: (ref.model_cfg, ref.full) for case, ref in refs.items()}
+    results = run_on_ranks(parity_worker, 4, args=(model_type, configs, tokens))[0]
+    max_logit_diff(refs[case], results[(case, layout)].logits)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.family import Family, Rule, get_family
+
+SEQ = 16
+BATCH = 2
+LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
+"""(tensor_model_parallel_size, expert_model_parallel_size) checked in one 4-rank launch."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule tables: expansion and application (what the converter CLI does with the same rules).
+# ---------------------------------------------------------------------------------------------
+
+
+def _layers(rule: Rule, cfg: MoEModelConfig) -> tuple[int, ...]:
+    if "{layer}" not in rule.megatron:
+        return (None,)
+    return {"all": tuple(range(cfg.num_layers)), "moe": cfg.moe_layers,
+            "dense": cfg.dense_layers}[rule.layers]
+
+
+def expand_rules(family: Family, cfg: MoEModelConfig) -> Iterator[tuple[str, tuple[str, ...], Rule]]:
+    """(Megatron name, HF names, rule) for every concrete layer and expert id."""
+    for rule in family.rules(cfg):
+        experts = range(cfg.num_experts) if "{expert}" in rule.megatron else (None,)
+        for layer in _layers(rule, cfg):
+            for expert in experts:
+                ids = {"layer": layer, "expert": expert}
+                yield (rule.megatron.format(**ids), tuple(h.format(**ids) for h in rule.hf), rule)
+
+
+def hf_to_megatron(family: Family, cfg: MoEModelConfig,
+                   hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF checkpoint tensors -> TP1/EP1 Megatron tensors; strict both ways."""
+    full, used = {}, set()
+    for megatron, names, rule in expand_rules(family, cfg):
+        missing = [n for n in names if n not in hf]
+        if missing:
+            raise KeyError(f"{megatron}: HF tensors {missing} not in the checkpoint")
+        twice = used.intersection(names)
+        if twice:
+            raise ValueError(f"HF tensors {sorted(twice)} mapped twice")
+        used.update(names)
+        full[megatron] = rule.to_megatron([hf[n] for n in names], cfg)
+    ignored = [re.compile(p) for p in family.ignored_hf_keys]
+    unmapped = [n for n in hf if n not in used and not any(p.search(n) for p in ignored)]
+    if unmapped:
+        raise ValueError(f"HF tensors neither mapped nor ignored: {unmapped}")
+    return full
+
+
+def megatron_to_hf(family: Family, cfg: MoEModelConfig,
+                   full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TP1/EP1 Megatron tensors (or their gradients) -> HF checkpoint tensors."""
+    hf = {}
+    for megatron, names, rule in expand_rules(family, cfg):
+        tensors = rule.to_hf(full[megatron], cfg)
+        if len(tensors) != len(names):
+            raise ValueError(f"{megatron}: to_hf gave {len(tensors)} tensors for {names}")
+        hf.update(zip(names, tensors))
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# The HF reference (runs in the test process).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A tiny HF model's checkpoint, a batch, and its logits and loss gradients."""
+
+    model_type: str
+    model_cfg: MoEModelConfig
+    hf_tensors: dict[str, torch.Tensor]
+    """Checkpoint tensors under hub names."""
+    full: dict[str, torch.Tensor]
+    """The same weights as TP1/EP1 Megatron tensors (through the family's rules)."""
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    hf_grads: dict[str, torch.Tensor]
+    """d(loss)/d(tensor) under hub names, loss = mean next-token cross-entropy."""
+
+
+def _hub_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory (fused-expert) names -> the names `save_pretrained` writes (original format)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    hub = revert_weight_conversion(model, dict(tensors))
+    return {name: t.detach().clone().contiguous() for name, t in hub.items()}
+
+
+def _perturb_ones(model, generator: torch.Generator) -> None:
+    """Norm weights start at 1; randomise them so a swapped or dropped norm cannot hide."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+
+
+def next_token_loss(logits_BSV: torch.Tensor, tokens_BS: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from position t."""
+    vocab = logits_BSV.shape[-1]
+    return F.cross_entropy(logits_BSV[:, :-1].reshape(-1, vocab).float(),
+                           tokens_BS[:, 1:].reshape(-1))
+
+
+def hf_reference(hf_config, seed: int = 0) -> Reference:
+    """Build the HF model from `hf_config` (fp32, eager attention) and record the reference."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    hf_config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    _perturb_ones(model, torch.Generator().manual_seed(seed + 1))
+    tokens = torch.randint(0, hf_config.vocab_size, (BATCH, SEQ),
+                           generator=torch.Generator().manual_seed(seed + 2))
+    logits = model(tokens).logits.float()
+    next_token_loss(logits, tokens).backward()
+    family = get_family(hf_config.model_type)
+    model_cfg = family.to_model_config(hf_config)
+    hf_tensors = _hub_names(model, model.state_dict())
+    grads = _hub_names(model, {n: torch.zeros_like(p) if p.grad is None else p.grad
+                               for n, p in model.named_parameters()})
+    return Reference(hf_config.model_type, model_cfg, hf_tensors,
+                     hf_to_megatron(family, model_cfg, hf_tensors), tokens, logits.detach(), grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Megatron side (runs on every rank of a `run_on_ranks` launch).
+# ---------------------------------------------------------------------------------------------
+
+
+def build_megatron(model_type: str, model_cfg: MoEModelConfig, parallel):
+    """This rank's GPTModel with the family's attention hook and the SFT `ECRouter`."""
+    from megatron_ec.models.builder import (
+        RuntimeOptions,
+        build_gpt_model,
+        decoder_block_spec,
+        transformer_config,
+    )
+    from megatron_ec.moe.method_state import MethodState
+    from megatron_ec.moe.router import ec_router_builder
+
+    family = get_family(model_type)
+    tcfg = transformer_config(model_cfg, parallel, RuntimeOptions(seq_length=SEQ))
+    spec = decoder_block_spec(tcfg, ec_router_builder(model_cfg, MethodState()),
+                              family.attention_hook(model_cfg))
+    return build_gpt_model(model_cfg, tcfg, spec), tcfg
+
+
+def _gathered_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[b, s, vocab] fp32 logits, TP vocabulary shards gathered (differentiably), padding cut."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)
+    logits = model(tokens, positions, causal[None, None])
+    return gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
+
+
+def _layout_result(model_type: str, model_cfg: MoEModelConfig, full, tokens, layout):
+    from megatron_ec.models.layout import full_tensors, load_full_tensors
+    from megatron_ec.parallel import init_parallel
+    from megatron_ec.training.distributed import finalize_grads, wrap_ddp
+
+    parallel = _parallel(layout)
+    init_parallel(parallel, seed=1234)
+    model, tcfg = build_megatron(model_type, model_cfg, parallel)
+    load_full_tensors(model, full)
+    ddp = wrap_ddp(model, tcfg)
+    ddp.eval()  # no dropout anyway; eval keeps the routers' training-only accumulation off
+    ddp.zero_grad_buffer()
+    logits = _gathered_logits(ddp, tokens, model_cfg.vocab_size)
+    next_token_loss(logits, tokens).backward()
+    finalize_grads(ddp)
+    grads = full_tensors(model, lambda p: p.main_grad)
+    return LayoutResult(logits.detach(), grads, sorted(set(full) ^ set(grads)))
+
+
+@dataclass
+class LayoutResult:
+    """What one layout of a `parity_worker` launch produced (gathered to TP1/EP1 on rank 0)."""
+
+    logits: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    """d(loss)/d(parameter) under TP1/EP1 Megatron names."""
+    unmatched: list[str]
+    """Names in the mapped tensors but not in the model, or the other way round."""
+
+
+def _parallel(layout):
+    from megatron_ec.parallel import ParallelConfig
+
+    return ParallelConfig(tensor_model_parallel_size=layout[0], expert_model_parallel_size=layout[1])
+
+
+def _resharded_logits(model_type: str, model_cfg: MoEModelConfig, full, tokens, ckpt_dir: str,
+                      save_layout=(2, 2), load_layout=(1, 1)) -> torch.Tensor:
+    """Logits of a model loaded at `load_layout` from a torch_dist checkpoint saved at `save_layout`."""
+    from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
+    from megatron_ec.models.layout import load_full_tensors
+    from megatron_ec.parallel import init_parallel
+
+    init_parallel(_parallel(save_layout), seed=1)
+    model, _ = build_megatron(model_type, model_cfg, _parallel(save_layout))
+    load_full_tensors(model, full)
+    save_model_weights(model, ckpt_dir)
+    init_parallel(_parallel(load_layout), seed=2)
+    model, _ = build_megatron(model_type, model_cfg, _parallel(load_layout))
+    load_model_weights(model, ckpt_dir)
+    with torch.no_grad():
+        return _gathered_logits(model.eval(), tokens, model_cfg.vocab_size)
+
+
+RESHARDED = "torch_dist TP2/EP2 -> TP1/EP1"
+
+
+def parity_worker(model_type: str, configs: dict, tokens: torch.Tensor, layouts=LAYOUTS,
+                  ckpt_dir: str | None = None):
+    """Rank 0 returns {(case, layout): LayoutResult}; `configs` = {case: (model_cfg, full)}.
+
+    With `ckpt_dir`, also {(case, RESHARDED): logits} of a checkpoint saved at TP2/EP2 and loaded
+    at TP1/EP1 (so the family's custom modules survive distributed checkpointing).
+    """
+    import torch.distributed as dist
+
+    results = {}
+    for case, (model_cfg, full) in configs.items():
+        for layout in layouts:
+            results[(case, layout)] = _layout_result(model_type, model_cfg, full, tokens, layout)
+        if ckpt_dir is not None:
+            results[(case, RESHARDED)] = _resharded_logits(model_type, model_cfg, full, tokens,
+                                                           f"{ckpt_dir}/{case}")
+    return results if dist.get_rank() == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons.
+# ---------------------------------------------------------------------------------------------
+
+
+def roundtrip_mismatches(reference: Reference) -> list[str]:
+    """HF names whose tensor does not survive HF -> Megatron -> HF bitwise."""
+    family = get_family(reference.model_type)
+    back = megatron_to_hf(family, reference.model_cfg, reference.full)
+    names = set(back) | set(reference.hf_tensors)
+    ignored = [re.compile(p) for p in family.ignored_hf_keys]
+    return sorted(n for n in names if not any(p.search(n) for p in ignored)
+                  and (n not in back or n not in reference.hf_tensors
+                       or back[n].dtype != reference.hf_tensors[n].dtype
+                       or not torch.equal(back[n], reference.hf_tensors[n])))
+
+
+def max_logit_diff(reference: Reference, logits: torch.Tensor) -> float:
+    return (logits - reference.logits).abs().max().item()
+
+
+def max_grad_rel_diff(reference: Reference, megatron_grads: dict[str, torch.Tensor]) -> dict:
+    """{HF name: max |Megatron grad - HF grad| / max |HF grad|} for every HF tensor."""
+    family = get_family(reference.model_type)
+    grads = megatron_to_hf(family, reference.model_cfg, megatron_grads)
+    return {name: ((grads[name] - hf).abs().max() / hf.abs().max().clamp_min(1e-12)).item()
+            for name, hf in reference.hf_grads.items()}
