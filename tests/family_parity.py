@@ -46,7 +46,8 @@ def _layers(rule: Rule, cfg: MoEModelConfig) -> tuple[int, ...]:
             "dense": cfg.dense_layers}[rule.layers]
 
 
-def expand_rules(family: Family, cfg: MoEModelConfig) -> Iterator[tuple[str, tuple[str, ...], Rule]]:
+def expand_rules(family: Family,
+                 cfg: MoEModelConfig) -> Iterator[tuple[str, tuple[str, ...], Rule]]:
     """(Megatron name, HF names, rule) for every concrete layer and expert id."""
     for rule in family.rules(cfg):
         experts = range(cfg.num_experts) if "{expert}" in rule.megatron else (None,)
@@ -219,12 +220,13 @@ class LayoutResult:
 def _parallel(layout):
     from megatron_ec.parallel import ParallelConfig
 
-    return ParallelConfig(tensor_model_parallel_size=layout[0], expert_model_parallel_size=layout[1])
+    return ParallelConfig(tensor_model_parallel_size=layout[0],
+                          expert_model_parallel_size=layout[1])
 
 
 def _resharded_logits(model_type: str, model_cfg: MoEModelConfig, full, tokens, ckpt_dir: str,
                       save_layout=(2, 2), load_layout=(1, 1)) -> torch.Tensor:
-    """Logits of a model loaded at `load_layout` from a torch_dist checkpoint saved at `save_layout`."""
+    """Logits at `load_layout` of a torch_dist checkpoint saved at `save_layout`."""
     from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
     from megatron_ec.models.layout import load_full_tensors
     from megatron_ec.parallel import init_parallel

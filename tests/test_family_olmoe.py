@@ -103,4 +103,4 @@ def test_resharded_checkpoint_keeps_hf_logits(references, layout_results, case):
 def test_gradients_match_hf(references, layout_results, case, layout):
     diffs = max_grad_rel_diff(references[case], layout_results[(case, layout)].grads)
     worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= GRAD_REL_TOL, f"{case} {layout}: {worst} grad rel diff {diffs[worst]:.2e}"
+    assert diffs[worst] <= GRAD_REL_TOL, f"{case} {layout}: {worst} rel diff {diffs[worst]:.2e}"

@@ -4,11 +4,12 @@
   over each head. Under tensor parallelism each rank holds a contiguous slice of the heads, so the
   sum of squares is all-reduced over the TP group.
 - `LocalMLASelfAttention` and `MLACoreAttention`: Multi-latent attention (DeepSeek-V2/V3) on the
-  local backend. MCore 0.19.2 builds MLA only with Transformer Engine: its Q/KV-norm resolver
-  (`transformer/mla_qk_norm_config.py`, `_resolve_mla_qk_layernorm`) asks for a fused
-  norm+linear `linear_q_proj` when there is no q-LoRA, which the local backend does not have,
-  and MLA passes `k_channels`/`v_channels` to a core attention that the local
-  `DotProductAttention` does not accept.
+  local backend. MCore 0.19.2's local MLA spec does not build, and trains wrongly under TP:
+  its Q/KV-norm resolver (`transformer/mla_qk_norm_config.py`, `_resolve_mla_qk_layernorm`)
+  asks for a fused norm+linear `linear_q_proj` when there is no q-LoRA (TE only); MLA passes
+  `k_channels`/`v_channels` to a core attention that the local `DotProductAttention` does not
+  accept; and with a column-parallel kv down-projection the shared rope key's gradient is not
+  summed over TP (details in `LocalMLASelfAttention`).
 - Spec editors (`use_local_mla`, `with_latent_norm_eps`, `with_full_width_qk_norm`) that put them
   into a decoder block spec.
 
@@ -203,6 +204,10 @@ def with_latent_norm_eps(block_spec, eps: float):
 
     def edit(spec):
         sub = spec.submodules
+        if sub.kv_layernorm in (None, IdentityOp):
+            # Transformer Engine specs fuse the latent norms into the up-projections
+            raise ValueError("the MLA latent norms are fused into their projections in this "
+                             f"spec, so their eps cannot differ from layernorm_epsilon ({eps})")
         changes = {name: _fixed_eps(getattr(sub, name), eps)
                    for name in ("q_layernorm", "kv_layernorm")
                    if getattr(sub, name) not in (None, IdentityOp)}

@@ -64,7 +64,8 @@ def _unsupported(hf_config) -> list[str]:
     yarn = rope.get("rope_type") == "yarn"
     checks = {
         "num_experts_per_tok is not set": hf_config.num_experts_per_tok is None,
-        "attention_bias=True (MCore's MLA projections have no bias)": bool(hf_config.attention_bias),
+        "attention_bias=True (MCore's MLA projections have no bias)":
+            bool(hf_config.attention_bias),
         "mlp_bias=True": bool(hf_config.mlp_bias),
         f"hidden_act={hf_config.hidden_act!r} (only 'silu')": hf_config.hidden_act != "silu",
         "num_key_value_heads != num_attention_heads":
@@ -118,6 +119,8 @@ def _dense_fields(hf_config) -> dict:
 
 def _latent_norm_eps(model_cfg: MoEModelConfig):
     """q/kv latent norms keep eps 1e-6 (HF builds them without `rms_norm_eps`)."""
+    if model_cfg.norm_eps == LATENT_NORM_EPS:
+        return None  # MCore's layernorm_epsilon is already right for them
 
     def hook(block_spec):
         return with_latent_norm_eps(block_spec, LATENT_NORM_EPS)

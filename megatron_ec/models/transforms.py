@@ -20,7 +20,7 @@ def _expect(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
 
 
 def pad_vocab(tensors: Sequence[torch.Tensor], cfg: MoEModelConfig) -> torch.Tensor:
-    """HF [vocab, hidden] embedding/lm_head -> Megatron rows padded with zeros to the padded vocab."""
+    """HF [vocab, hidden] embedding/lm_head -> Megatron, zero rows up to the padded vocab."""
     (weight,) = tensors
     _expect(weight, (cfg.vocab_size, cfg.hidden_size), "vocabulary matrix")
     padding = weight.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, cfg.hidden_size)
