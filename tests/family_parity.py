@@ -4,7 +4,8 @@ A tiny random HF model (config only) is the reference. Its checkpoint tensors (h
 `save_pretrained` writes them) go through the family's `Rule` table into TP1/EP1 Megatron tensors,
 which `load_full_tensors` slices into a model at any layout. Checks:
 - `hf_to_megatron` maps every HF tensor exactly once (or it matches `ignored_hf_keys`) and every
-  Megatron parameter is produced; `megatron_to_hf` gives every HF tensor back bitwise;
+  Megatron parameter is produced; `megatron_to_hf` (the exporter's `hf_tensors`) gives every HF
+  tensor back bitwise;
 - Megatron logits (fp32, vocabulary padding trimmed) match HF's, and so do the gradients of a
   cross-entropy loss, mapped back to HF names through the same rules.
 
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Family, Rule, get_family
+from megatron_ec.models.family import Family, get_family
 
 SEQ = 16
 BATCH = 2
@@ -35,43 +36,32 @@ LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
 
 
 # ---------------------------------------------------------------------------------------------
-# Rule tables: expansion and application (what the converter CLI does with the same rules).
+# Rule tables, applied in memory with the converter's semantics (`checkpoint_convert.mapping`).
 # ---------------------------------------------------------------------------------------------
 
 
-def _layers(rule: Rule, cfg: MoEModelConfig) -> tuple[int, ...]:
-    if "{layer}" not in rule.megatron:
-        return (None,)
-    return {"all": tuple(range(cfg.num_layers)), "moe": cfg.moe_layers,
-            "dense": cfg.dense_layers}[rule.layers]
-
-
-def expand_rules(family: Family,
-                 cfg: MoEModelConfig) -> Iterator[tuple[str, tuple[str, ...], Rule]]:
-    """(Megatron name, HF names, rule) for every concrete layer and expert id."""
-    for rule in family.rules(cfg):
-        experts = range(cfg.num_experts) if "{expert}" in rule.megatron else (None,)
-        for layer in _layers(rule, cfg):
-            for expert in experts:
-                ids = {"layer": layer, "expert": expert}
-                yield (rule.megatron.format(**ids), tuple(h.format(**ids) for h in rule.hf), rule)
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 def hf_to_megatron(family: Family, cfg: MoEModelConfig,
                    hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF checkpoint tensors -> TP1/EP1 Megatron tensors; strict both ways."""
-    full, used = {}, set()
-    for megatron, names, rule in expand_rules(family, cfg):
-        missing = [n for n in names if n not in hf]
+    """HF checkpoint tensors -> TP1/EP1 Megatron tensors; every HF tensor mapped or ignored."""
+    from checkpoint_convert.mapping import expand
+
+    full = {}
+    entries = expand(family, cfg)  # raises if a name appears in two rules
+    for entry in entries:
+        missing = [n for n in entry.hf if n not in hf]
         if missing:
-            raise KeyError(f"{megatron}: HF tensors {missing} not in the checkpoint")
-        twice = used.intersection(names)
-        if twice:
-            raise ValueError(f"HF tensors {sorted(twice)} mapped twice")
-        used.update(names)
-        full[megatron] = rule.to_megatron([hf[n] for n in names], cfg)
+            raise KeyError(f"{entry.megatron}: HF tensors {missing} not in the checkpoint")
+        tensors = [hf[n] for n in entry.hf]
+        if entry.rule.pads_vocab:
+            tensors = [_pad_rows(t, cfg.padded_vocab_size) for t in tensors]
+        full[entry.megatron] = entry.rule.to_megatron(tensors, cfg)
+    used = {name for entry in entries for name in entry.hf}
     ignored = [re.compile(p) for p in family.ignored_hf_keys]
-    unmapped = [n for n in hf if n not in used and not any(p.search(n) for p in ignored)]
+    unmapped = [n for n in hf if n not in used and not any(p.fullmatch(n) for p in ignored)]
     if unmapped:
         raise ValueError(f"HF tensors neither mapped nor ignored: {unmapped}")
     return full
@@ -79,14 +69,10 @@ def hf_to_megatron(family: Family, cfg: MoEModelConfig,
 
 def megatron_to_hf(family: Family, cfg: MoEModelConfig,
                    full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """TP1/EP1 Megatron tensors (or their gradients) -> HF checkpoint tensors."""
-    hf = {}
-    for megatron, names, rule in expand_rules(family, cfg):
-        tensors = rule.to_hf(full[megatron], cfg)
-        if len(tensors) != len(names):
-            raise ValueError(f"{megatron}: to_hf gave {len(tensors)} tensors for {names}")
-        hf.update(zip(names, tensors))
-    return hf
+    """TP1/EP1 Megatron tensors (or their gradients) -> HF tensors, as the exporter writes them."""
+    from checkpoint_convert.exporter import hf_tensors
+
+    return dict(hf_tensors(family, cfg, full, torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,14 +119,20 @@ def next_token_loss(logits_BSV: torch.Tensor, tokens_BS: torch.Tensor) -> torch.
                            tokens_BS[:, 1:].reshape(-1))
 
 
-def hf_reference(hf_config, seed: int = 0) -> Reference:
-    """Build the HF model from `hf_config` (fp32, eager attention) and record the reference."""
+def reference_model(hf_config, seed: int = 0):
+    """The tiny HF model of `hf_config`: fp32, eager attention, norm weights perturbed."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     hf_config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
     _perturb_ones(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def hf_reference(hf_config, seed: int = 0) -> Reference:
+    """Record `reference_model`'s checkpoint, logits and loss gradients on a fixed batch."""
+    model = reference_model(hf_config, seed)
     tokens = torch.randint(0, hf_config.vocab_size, (BATCH, SEQ),
                            generator=torch.Generator().manual_seed(seed + 2))
     logits = model(tokens).logits.float()
@@ -152,6 +144,13 @@ def hf_reference(hf_config, seed: int = 0) -> Reference:
                                for n, p in model.named_parameters()})
     return Reference(hf_config.model_type, model_cfg, hf_tensors,
                      hf_to_megatron(family, model_cfg, hf_tensors), tokens, logits.detach(), grads)
+
+
+def save_reference(hf_config, out_dir, seed: int = 0, fused: bool = False) -> Path:
+    """Write `reference_model` as an HF directory (hub per-expert layout, or v5's fused one)."""
+    model = reference_model(hf_config, seed)
+    model.save_pretrained(out_dir, save_original_format=not fused)
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,15 +241,28 @@ def _resharded_logits(model_type: str, model_cfg: MoEModelConfig, full, tokens, 
         return _gathered_logits(model.eval(), tokens, model_cfg.vocab_size)
 
 
+def _imported_logits(hf_dir: str, ckpt_dir: str, layout, tokens) -> torch.Tensor:
+    """Logits after `checkpoint_convert` imports `hf_dir` at `layout` (each rank reads slices)."""
+    from checkpoint_convert.importer import import_hf
+    from checkpoint_convert.verify import load_megatron, megatron_logits
+
+    import_hf(hf_dir, ckpt_dir, _parallel(layout))
+    model, _, cfg = load_megatron(ckpt_dir, _parallel(layout))
+    return megatron_logits(model, tokens)[..., : cfg.vocab_size]
+
+
 RESHARDED = "torch_dist TP2/EP2 -> TP1/EP1"
+IMPORTED = "checkpoint_convert import"
 
 
 def parity_worker(model_type: str, configs: dict, tokens: torch.Tensor, layouts=LAYOUTS,
-                  ckpt_dir: str | None = None):
+                  ckpt_dir: str | None = None, hf_dirs: dict | None = None):
     """Rank 0 returns {(case, layout): LayoutResult}; `configs` = {case: (model_cfg, full)}.
 
     With `ckpt_dir`, also {(case, RESHARDED): logits} of a checkpoint saved at TP2/EP2 and loaded
-    at TP1/EP1 (so the family's custom modules survive distributed checkpointing).
+    at TP1/EP1 (so the family's custom modules survive distributed checkpointing), and for the
+    cases in `hf_dirs` ({case: HF directory}) {(case, layout, IMPORTED): logits} of the converter's
+    import at every layout.
     """
     import torch.distributed as dist
 
@@ -258,6 +270,10 @@ def parity_worker(model_type: str, configs: dict, tokens: torch.Tensor, layouts=
     for case, (model_cfg, full) in configs.items():
         for layout in layouts:
             results[(case, layout)] = _layout_result(model_type, model_cfg, full, tokens, layout)
+            if hf_dirs and case in hf_dirs:
+                ckpt = f"{ckpt_dir}/{case}_import_tp{layout[0]}ep{layout[1]}"
+                results[(case, layout, IMPORTED)] = _imported_logits(hf_dirs[case], ckpt, layout,
+                                                                     tokens)
         if ckpt_dir is not None:
             results[(case, RESHARDED)] = _resharded_logits(model_type, model_cfg, full, tokens,
                                                            f"{ckpt_dir}/{case}")
@@ -275,7 +291,7 @@ def roundtrip_mismatches(reference: Reference) -> list[str]:
     back = megatron_to_hf(family, reference.model_cfg, reference.full)
     names = set(back) | set(reference.hf_tensors)
     ignored = [re.compile(p) for p in family.ignored_hf_keys]
-    return sorted(n for n in names if not any(p.search(n) for p in ignored)
+    return sorted(n for n in names if not any(p.fullmatch(n) for p in ignored)
                   and (n not in back or n not in reference.hf_tensors
                        or back[n].dtype != reference.hf_tensors[n].dtype
                        or not torch.equal(back[n], reference.hf_tensors[n])))
@@ -291,3 +307,29 @@ def max_grad_rel_diff(reference: Reference, megatron_grads: dict[str, torch.Tens
     grads = megatron_to_hf(family, reference.model_cfg, megatron_grads)
     return {name: ((grads[name] - hf).abs().max() / hf.abs().max().clamp_min(1e-12)).item()
             for name, hf in reference.hf_grads.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The converter CLI's single-process path (runs in the test process, a world of one).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundTrip:
+    """HF dir -> `checkpoint_convert` import -> verify -> export -> HF dir."""
+
+    verify_diff: float
+    exported: Path
+
+
+def converter_round_trip(hf_dir: Path, work_dir: Path) -> RoundTrip:
+    """Import at TP1/EP1, verify against stock transformers, export back to HF."""
+    from checkpoint_convert.exporter import export_hf
+    from checkpoint_convert.importer import import_hf
+    from checkpoint_convert.verify import verify
+
+    ckpt, exported = work_dir / "ckpt", work_dir / "exported"
+    import_hf(hf_dir, ckpt)
+    diff = verify(hf_dir, ckpt, seq_len=SEQ)
+    export_hf(ckpt, exported)
+    return RoundTrip(diff, exported)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from megatron_ec.models.attention import with_latent_norm_eps
 from megatron_ec.models.config import MLAConfig, MoEModelConfig, RopeScaling
-from megatron_ec.models.family import Family, Rule, register
-from megatron_ec.models.transforms import fuse_gated, pad_vocab, split_gated, trim_vocab
+from megatron_ec.models.family import Family, FusedExperts, Rule, register
+from megatron_ec.models.transforms import gate_up, same
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
 CONFIG_FIELDS = {
@@ -46,12 +46,16 @@ MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_d
 # DeepseekV2RMSNorm's default eps, which q_a_layernorm and kv_a_layernorm are built with.
 LATENT_NORM_EPS = 1e-6
 
-LAYER = "decoder.layers.{layer}."
-HF_LAYER = "model.layers.{layer}."
-ATTN = LAYER + "self_attention."
-HF_ATTN = HF_LAYER + "self_attn."
-EXPERT = LAYER + "mlp.experts.local_experts.{expert}."
-HF_EXPERT = HF_LAYER + "mlp.experts.{expert}."
+M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+ATTN, HF_ATTN, MLP = M + "self_attention.", H + "self_attn.", H + "mlp."
+EXPERT, HF_EXPERT = M + "mlp.experts.local_experts.{expert}.", MLP + "experts.{expert}."
+
+# transformers v5's in-memory layout, written by save_pretrained(save_original_format=False)
+FUSED_EXPERTS = (
+    FusedExperts(MLP + "experts.gate_up_proj",
+                 (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight")),
+    FusedExperts(MLP + "experts.down_proj", (HF_EXPERT + "down_proj.weight",)),
+)
 
 
 def _rope(hf_config) -> dict:
@@ -68,6 +72,8 @@ def _unsupported(hf_config) -> list[str]:
             bool(hf_config.attention_bias),
         "mlp_bias=True": bool(hf_config.mlp_bias),
         f"hidden_act={hf_config.hidden_act!r} (only 'silu')": hf_config.hidden_act != "silu",
+        "tie_word_embeddings=True (untie lm_head before converting)":
+            bool(hf_config.tie_word_embeddings),
         "num_key_value_heads != num_attention_heads":
             hf_config.num_key_value_heads != hf_config.num_attention_heads,
         "n_shared_experts must be >= 1": not hf_config.n_shared_experts,
@@ -128,56 +134,49 @@ def _latent_norm_eps(model_cfg: MoEModelConfig):
     return hook
 
 
-def _global_rules(cfg: MoEModelConfig) -> list[Rule]:
-    rules = [
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
-             pad_vocab, trim_vocab),
-        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ]
-    if not cfg.tie_word_embeddings:
-        rules.append(Rule("output_layer.weight", ("lm_head.weight",), pad_vocab, trim_vocab))
-    return rules
-
-
 def _query_rules(cfg: MoEModelConfig) -> list[Rule]:
     if cfg.mla.q_lora_rank is None:
-        return [Rule(ATTN + "linear_q_proj.weight", (HF_ATTN + "q_proj.weight",))]
+        return [same(ATTN + "linear_q_proj.weight", HF_ATTN + "q_proj.weight")]
     return [
-        Rule(ATTN + "linear_q_down_proj.weight", (HF_ATTN + "q_a_proj.weight",)),
-        Rule(ATTN + "q_layernorm.weight", (HF_ATTN + "q_a_layernorm.weight",)),
-        Rule(ATTN + "linear_q_up_proj.weight", (HF_ATTN + "q_b_proj.weight",)),
+        same(ATTN + "linear_q_down_proj.weight", HF_ATTN + "q_a_proj.weight"),
+        same(ATTN + "q_layernorm.weight", HF_ATTN + "q_a_layernorm.weight"),
+        same(ATTN + "linear_q_up_proj.weight", HF_ATTN + "q_b_proj.weight"),
     ]
 
 
 def _attention_rules(cfg: MoEModelConfig) -> list[Rule]:
     # kv_a_proj_with_mqa is [kv_lora_rank latent; qk_rope_head_dim rope key] in both models, and
-    # kv_b_proj is per head [k_nope; v] in both: plain copies.
+    # kv_b_proj is per head [k_nope; v] in both: plain copies (which also commute with TP cuts).
     return [
-        Rule(LAYER + "input_layernorm.weight", (HF_LAYER + "input_layernorm.weight",)),
+        same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
         *_query_rules(cfg),
-        Rule(ATTN + "linear_kv_down_proj.weight", (HF_ATTN + "kv_a_proj_with_mqa.weight",)),
-        Rule(ATTN + "kv_layernorm.weight", (HF_ATTN + "kv_a_layernorm.weight",)),
-        Rule(ATTN + "linear_kv_up_proj.weight", (HF_ATTN + "kv_b_proj.weight",)),
-        Rule(ATTN + "linear_proj.weight", (HF_ATTN + "o_proj.weight",)),
-        Rule(LAYER + "pre_mlp_layernorm.weight", (HF_LAYER + "post_attention_layernorm.weight",)),
+        same(ATTN + "linear_kv_down_proj.weight", HF_ATTN + "kv_a_proj_with_mqa.weight"),
+        same(ATTN + "kv_layernorm.weight", HF_ATTN + "kv_a_layernorm.weight"),
+        same(ATTN + "linear_kv_up_proj.weight", HF_ATTN + "kv_b_proj.weight"),
+        same(ATTN + "linear_proj.weight", HF_ATTN + "o_proj.weight"),
+        same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
     ]
 
 
 def _gated_mlp_rules(megatron: str, hf: str, layers: str) -> list[Rule]:
     return [
-        Rule(megatron + "linear_fc1.weight", (hf + "gate_proj.weight", hf + "up_proj.weight"),
-             fuse_gated, split_gated, layers=layers),
-        Rule(megatron + "linear_fc2.weight", (hf + "down_proj.weight",), layers=layers),
+        gate_up(megatron + "linear_fc1.weight", hf + "gate_proj.weight", hf + "up_proj.weight",
+                layers=layers),
+        same(megatron + "linear_fc2.weight", hf + "down_proj.weight", layers=layers),
     ]
 
 
-def _mlp_rules() -> list[Rule]:
+def _rules(cfg: MoEModelConfig) -> list[Rule]:
     return [
-        *_gated_mlp_rules(LAYER + "mlp.", HF_LAYER + "mlp.", "dense"),
-        Rule(LAYER + "mlp.router.weight", (HF_LAYER + "mlp.gate.weight",), layers="moe"),
+        same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
+        same("decoder.final_layernorm.weight", "model.norm.weight"),
+        same("output_layer.weight", "lm_head.weight", pads_vocab=True),
+        *_attention_rules(cfg),
+        *_gated_mlp_rules(M + "mlp.", MLP, "dense"),
+        same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
         *_gated_mlp_rules(EXPERT, HF_EXPERT, "moe"),
         # n_shared_experts ungated experts are one MLP of the summed width on both sides
-        *_gated_mlp_rules(LAYER + "mlp.shared_experts.", HF_LAYER + "mlp.shared_experts.", "moe"),
+        *_gated_mlp_rules(M + "mlp.shared_experts.", MLP + "shared_experts.", "moe"),
     ]
 
 
@@ -186,7 +185,8 @@ class DeepseekV2Family(Family):
     """DeepSeek-V2, V2-Lite, DeepSeek-Coder-V2(-Lite)."""
 
     model_type = "deepseek_v2"
-    ignored_hf_keys = (r"\.rotary_emb\.inv_freq$",)
+    ignored_hf_keys = (r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
+    fused_experts = FUSED_EXPERTS
 
     def to_model_config(self, hf_config) -> MoEModelConfig:
         problems = _unsupported(hf_config)
@@ -211,7 +211,7 @@ class DeepseekV2Family(Family):
         return hf
 
     def rules(self, model_cfg: MoEModelConfig) -> list[Rule]:
-        return _global_rules(model_cfg) + _attention_rules(model_cfg) + _mlp_rules()
+        return _rules(model_cfg)
 
     def attention_hook(self, model_cfg: MoEModelConfig):
         return _latent_norm_eps(model_cfg)

@@ -13,15 +13,8 @@ from __future__ import annotations
 
 from megatron_ec.models.attention import with_full_width_qk_norm
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Family, Rule, register
-from megatron_ec.models.transforms import (
-    fuse_gated,
-    fuse_qkv,
-    pad_vocab,
-    split_gated,
-    split_qkv,
-    trim_vocab,
-)
+from megatron_ec.models.family import Family, FusedExperts, Rule, register
+from megatron_ec.models.transforms import gate_up, qkv, same
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
 CONFIG_FIELDS = {
@@ -41,10 +34,16 @@ CONFIG_FIELDS = {
     "init_std": "initializer_range",
 }
 
-LAYER = "decoder.layers.{layer}."
-HF_LAYER = "model.layers.{layer}."
-EXPERT = LAYER + "mlp.experts.local_experts.{expert}."
-HF_EXPERT = HF_LAYER + "mlp.experts.{expert}."
+M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+ATTN, MLP = H + "self_attn.", H + "mlp."
+EXPERT, HF_EXPERT = M + "mlp.experts.local_experts.{expert}.", MLP + "experts.{expert}."
+
+# transformers v5's in-memory layout, written by save_pretrained(save_original_format=False)
+FUSED_EXPERTS = (
+    FusedExperts(MLP + "experts.gate_up_proj",
+                 (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight")),
+    FusedExperts(MLP + "experts.down_proj", (HF_EXPERT + "down_proj.weight",)),
+)
 
 
 def _unsupported(hf_config) -> list[str]:
@@ -57,8 +56,12 @@ def _unsupported(hf_config) -> list[str]:
         # attention_bias also puts a bias on o_proj; MCore's add_bias_linear would bias every linear
         "attention_bias=True": bool(hf_config.attention_bias),
         f"hidden_act={hf_config.hidden_act!r} (only 'silu')": hf_config.hidden_act != "silu",
+        "tie_word_embeddings=True (untie lm_head before converting)":
+            bool(hf_config.tie_word_embeddings),
         f"rope_type={rope.get('rope_type')!r} (only 'default')":
             rope.get("rope_type", "default") != "default",
+        # MCore's GPTModel takes an integer rotary base
+        "rope_theta is not an integer": _rope_theta(hf_config) != int(_rope_theta(hf_config)),
         # q_norm is built over hidden_size: only equal to the q width when head_dim is implied
         "head_dim != hidden_size / num_attention_heads":
             head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads),
@@ -81,38 +84,23 @@ def _full_width_qk_norm(model_cfg: MoEModelConfig):
     return hook
 
 
-def _global_rules(cfg: MoEModelConfig) -> list[Rule]:
-    rules = [
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
-             pad_vocab, trim_vocab),
-        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ]
-    if not cfg.tie_word_embeddings:
-        rules.append(Rule("output_layer.weight", ("lm_head.weight",), pad_vocab, trim_vocab))
-    return rules
-
-
-def _attention_rules() -> list[Rule]:
-    attn = HF_LAYER + "self_attn."
+def _rules() -> list[Rule]:
     return [
-        Rule(LAYER + "input_layernorm.weight", (HF_LAYER + "input_layernorm.weight",)),
-        Rule(LAYER + "self_attention.linear_qkv.weight",
-             (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-             fuse_qkv, split_qkv),
-        Rule(LAYER + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",)),
-        Rule(LAYER + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",)),
-        Rule(LAYER + "self_attention.linear_proj.weight", (attn + "o_proj.weight",)),
-        Rule(LAYER + "pre_mlp_layernorm.weight", (HF_LAYER + "post_attention_layernorm.weight",)),
-    ]
-
-
-def _moe_rules() -> list[Rule]:
-    return [
-        Rule(LAYER + "mlp.router.weight", (HF_LAYER + "mlp.gate.weight",), layers="moe"),
-        Rule(EXPERT + "linear_fc1.weight",
-             (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight"),
-             fuse_gated, split_gated, layers="moe"),
-        Rule(EXPERT + "linear_fc2.weight", (HF_EXPERT + "down_proj.weight",), layers="moe"),
+        same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
+        same("decoder.final_layernorm.weight", "model.norm.weight"),
+        same("output_layer.weight", "lm_head.weight", pads_vocab=True),
+        same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
+        qkv(M + "self_attention.linear_qkv.weight",
+            ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
+        # full-width norms: the Megatron weight is the whole [heads * head_dim] vector
+        same(M + "self_attention.q_layernorm.weight", ATTN + "q_norm.weight"),
+        same(M + "self_attention.k_layernorm.weight", ATTN + "k_norm.weight"),
+        same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
+        same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+        same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
+        gate_up(EXPERT + "linear_fc1.weight", HF_EXPERT + "gate_proj.weight",
+                HF_EXPERT + "up_proj.weight", layers="moe"),
+        same(EXPERT + "linear_fc2.weight", HF_EXPERT + "down_proj.weight", layers="moe"),
     ]
 
 
@@ -121,7 +109,8 @@ class OlmoeFamily(Family):
     """OLMoE-1B-7B and its fine-tunes."""
 
     model_type = "olmoe"
-    ignored_hf_keys = (r"\.rotary_emb\.inv_freq$",)
+    ignored_hf_keys = (r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
+    fused_experts = FUSED_EXPERTS
 
     def to_model_config(self, hf_config) -> MoEModelConfig:
         problems = _unsupported(hf_config)
@@ -139,7 +128,7 @@ class OlmoeFamily(Family):
         return hf
 
     def rules(self, model_cfg: MoEModelConfig) -> list[Rule]:
-        return _global_rules(model_cfg) + _attention_rules() + _moe_rules()
+        return _rules()
 
     def attention_hook(self, model_cfg: MoEModelConfig):
         return _full_width_qk_norm(model_cfg)

@@ -1,8 +1,11 @@
-"""Pure tensor transforms shared by the families' rule tables (`Rule.to_megatron` / `Rule.to_hf`).
+"""Tensor transforms and rule constructors shared by the family tables.
 
-Each pair is exact inverses on the tensors they are given: `to_hf(to_megatron(x)) == x` bitwise,
-so an HF -> Megatron -> HF round trip reproduces every checkpoint tensor. Functions take and
-return full (TP1/EP1) tensors plus the `MoEModelConfig`; sharding is `layout.py`'s business.
+Every `to_megatron` here commutes with cutting its inputs into equal TP pieces along the Megatron
+partition dim (see `megatron_ec.models.family`): head and group counts are derived from tensor
+sizes, so the same function fuses whole tensors and per-rank slices.
+
+Shape legend: H hidden size, D head dim, G query groups (KV heads), Q query heads per group,
+I MLP intermediate size.
 """
 
 from __future__ import annotations
@@ -12,65 +15,55 @@ from typing import Sequence
 import torch
 
 from megatron_ec.models.config import MoEModelConfig
-
-
-def _expect(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{what}: expected shape {shape}, got {tuple(tensor.shape)}")
-
-
-def pad_vocab(tensors: Sequence[torch.Tensor], cfg: MoEModelConfig) -> torch.Tensor:
-    """HF [vocab, hidden] embedding/lm_head -> Megatron, zero rows up to the padded vocab."""
-    (weight,) = tensors
-    _expect(weight, (cfg.vocab_size, cfg.hidden_size), "vocabulary matrix")
-    padding = weight.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, cfg.hidden_size)
-    return torch.cat([weight, padding], dim=0)
-
-
-def trim_vocab(weight: torch.Tensor, cfg: MoEModelConfig) -> Sequence[torch.Tensor]:
-    """Megatron padded vocabulary matrix -> the HF rows."""
-    _expect(weight, (cfg.padded_vocab_size, cfg.hidden_size), "padded vocabulary matrix")
-    return [weight[: cfg.vocab_size].clone()]
-
-
-def fuse_gated(tensors: Sequence[torch.Tensor], cfg: MoEModelConfig) -> torch.Tensor:
-    """HF (gate_proj, up_proj) [I, H] each -> Megatron gated `linear_fc1` [2I, H] = [gate; up]."""
-    gate, up = tensors
-    if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} shapes differ")
-    return torch.cat([gate, up], dim=0)
-
-
-def split_gated(fc1: torch.Tensor, cfg: MoEModelConfig) -> Sequence[torch.Tensor]:
-    """Megatron gated `linear_fc1` [2I, H] -> HF (gate_proj, up_proj)."""
-    gate, up = fc1.chunk(2, dim=0)
-    return [gate.clone(), up.clone()]
+from megatron_ec.models.family import Rule
 
 
 def fuse_qkv(tensors: Sequence[torch.Tensor], cfg: MoEModelConfig) -> torch.Tensor:
-    """HF q/k/v projections -> Megatron `linear_qkv`, interleaved per query group.
+    """q [G*Q*D, ...], k [G*D, ...], v [G*D, ...] -> Megatron's per-group [q_g; k_g; v_g] rows.
 
-    Megatron's layout is [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...], so a
-    contiguous TP slice holds whole groups. Works for weights [out, H] and biases [out].
+    Megatron-Core's `linear_qkv` interleaves by query group (`q1 q2 k1 v1 | q3 q4 k2 v2 | ...`);
+    HF keeps q, k and v apart. Works for weights and biases.
     """
     q, k, v = tensors
-    groups, dim = cfg.kv_heads, cfg.kv_channels
-    per_group = cfg.num_attention_heads // groups
-    _expect(q, (cfg.num_attention_heads * dim, *q.shape[1:]), "q_proj")
-    _expect(k, (groups * dim, *q.shape[1:]), "k_proj")
-    _expect(v, (groups * dim, *q.shape[1:]), "v_proj")
+    num_groups = k.shape[0] // cfg.kv_channels
     rest = q.shape[1:]
-    fused = torch.cat([q.reshape(groups, per_group * dim, *rest),
-                       k.reshape(groups, dim, *rest),
-                       v.reshape(groups, dim, *rest)], dim=1)
-    return fused.reshape(-1, *rest)
+    grouped = [t.reshape(num_groups, -1, *rest) for t in (q, k, v)]
+    return torch.cat(grouped, dim=1).reshape(-1, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, cfg: MoEModelConfig) -> Sequence[torch.Tensor]:
-    """Megatron `linear_qkv` -> HF (q_proj, k_proj, v_proj)."""
-    groups, dim = cfg.kv_heads, cfg.kv_channels
-    per_group = cfg.num_attention_heads // groups
-    rest = qkv.shape[1:]
-    q, k, v = qkv.reshape(groups, (per_group + 2) * dim, *rest).split(
-        [per_group * dim, dim, dim], dim=1)
-    return [t.reshape(-1, *rest).clone() for t in (q, k, v)]
+def split_qkv(fused: torch.Tensor, cfg: MoEModelConfig) -> list[torch.Tensor]:
+    """Inverse of `fuse_qkv` on the whole tensor: [q; k; v] in HF's order."""
+    head_dim, num_groups = cfg.kv_channels, cfg.kv_heads
+    q_rows = cfg.num_attention_heads // num_groups * head_dim
+    rest = fused.shape[1:]
+    q, k, v = fused.reshape(num_groups, -1, *rest).split([q_rows, head_dim, head_dim], dim=1)
+    return [t.reshape(-1, *rest) for t in (q, k, v)]
+
+
+def fuse_gate_up(tensors: Sequence[torch.Tensor], cfg: MoEModelConfig) -> torch.Tensor:
+    """gate [I, H], up [I, H] -> Megatron's gated `linear_fc1` [gate; up] (per TP piece too)."""
+    gate, up = tensors
+    return torch.cat([gate, up], dim=0)
+
+
+def split_gate_up(fc1: torch.Tensor, cfg: MoEModelConfig) -> list[torch.Tensor]:
+    """Inverse of `fuse_gate_up`."""
+    return list(fc1.chunk(2, dim=0))
+
+
+# Rule constructors: the rows of a family table.
+
+
+def same(megatron: str, hf: str, layers: str = "all", pads_vocab: bool = False) -> Rule:
+    """One tensor, unchanged."""
+    return Rule(megatron, (hf,), layers=layers, pads_vocab=pads_vocab)
+
+
+def qkv(megatron: str, q: str, k: str, v: str) -> Rule:
+    """Fused Megatron `linear_qkv` <-> separate HF q/k/v projections (weights or biases)."""
+    return Rule(megatron, (q, k, v), fuse_qkv, split_qkv)
+
+
+def gate_up(megatron: str, gate: str, up: str, layers: str = "all") -> Rule:
+    """Gated Megatron `linear_fc1` <-> HF gate and up projections."""
+    return Rule(megatron, (gate, up), fuse_gate_up, split_gate_up, layers=layers)
