@@ -121,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"checkpoint_convert: error: {err}", to_stderr=True)
         return EXIT_USER_ERROR
     finally:
-        from megatron_ec.parallel import shutdown_parallel
+        if "megatron.core" in sys.modules:  # never import Megatron-Core just to tear it down
+            from megatron_ec.parallel import shutdown_parallel
 
-        shutdown_parallel()
+            shutdown_parallel()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from checkpoint_convert.importer import import_hf
-from checkpoint_convert.verify import load_megatron, megatron_logits
+from checkpoint_convert.model import load_megatron
+from checkpoint_convert.verify import megatron_logits
 from megatron_ec.models.layout import full_tensors
 from megatron_ec.parallel import ParallelConfig, init_parallel
 from tests.convert_testing import FAMILIES, TOL, hf_logits, make_variant, random_tokens

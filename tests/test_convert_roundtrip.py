@@ -78,7 +78,8 @@ def test_bin_weights_sharded_export_and_dtype(tmp_path, capsys):
     torch.save(disk_tensors(hf_dir), bin_dir / "pytorch_model.bin")
     ckpt = tmp_path / "ckpt"
     run_cli(capsys, "import", "--hf", bin_dir, "--out", ckpt)
-    run_cli(capsys, "export", "--ckpt", ckpt, "--out", tmp_path / "fp32", "--max-shard-size", "50KB")
+    run_cli(capsys, "export", "--ckpt", ckpt, "--out", tmp_path / "fp32",
+            "--max-shard-size", "50KB")
     index = json.loads((tmp_path / "fp32" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert_bitwise_equal(disk_tensors(tmp_path / "fp32"), disk_tensors(hf_dir))
