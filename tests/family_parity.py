@@ -4,8 +4,7 @@ A tiny random HF model (config only) is the reference. Its checkpoint tensors (h
 `save_pretrained` writes them) go through the family's `Rule` table into TP1/EP1 Megatron tensors,
 which `load_full_tensors` slices into a model at any layout. Checks:
 - `hf_to_megatron` maps every HF tensor exactly once (or it matches `ignored_hf_keys`) and every
-  Megatron parameter is produced; `megatron_to_hf` (the exporter's `hf_tensors`) gives every HF
-  tensor back bitwise;
+  Megatron parameter is produced; `megatron_to_hf` gives every HF tensor back bitwise;
 - Megatron logits (fp32, vocabulary padding trimmed) match HF's, and so do the gradients of a
   cross-entropy loss, mapped back to HF names through the same rules.
 
@@ -69,10 +68,15 @@ def hf_to_megatron(family: Family, cfg: MoEModelConfig,
 
 def megatron_to_hf(family: Family, cfg: MoEModelConfig,
                    full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """TP1/EP1 Megatron tensors (or their gradients) -> HF tensors, as the exporter writes them."""
-    from checkpoint_convert.exporter import hf_tensors
+    """TP1/EP1 Megatron tensors (or their gradients) -> HF tensors, vocabulary padding trimmed."""
+    from checkpoint_convert.mapping import expand
 
-    return dict(hf_tensors(family, cfg, full, torch.float32))
+    hf = {}
+    for entry in expand(family, cfg):
+        outputs = entry.rule.to_hf(full[entry.megatron], cfg)
+        for name, tensor in zip(entry.hf, outputs, strict=True):
+            hf[name] = tensor[: cfg.vocab_size] if entry.rule.pads_vocab else tensor
+    return hf
 
 
 # ---------------------------------------------------------------------------------------------
