@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, DeepseekV2Config
@@ -115,6 +119,13 @@ def test_hub_style_config_dict_loads():
                aux_loss_alpha=0.001, scoring_func="softmax")
     cfg = get_family("deepseek_v2").to_model_config(DeepseekV2Config.from_dict(hub))
     assert cfg.rope_scaling.mscale_all_dim == 0.707 and cfg.aux_loss_coeff == 0.001
+
+
+def test_family_imports_without_megatron_core():
+    """The converter reads configs and weights before importing MCore (which, for one, widens
+    torch.load's safe globals), so a family file must not import it."""
+    code = "import sys, megatron_ec.models.deepseek_v2; assert 'megatron.core' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 def test_hf_config_round_trip():

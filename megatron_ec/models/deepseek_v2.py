@@ -20,7 +20,6 @@ HF tensor names are the hub (on-disk) names: per-expert `gate_proj`/`up_proj`/`d
 
 from __future__ import annotations
 
-from megatron_ec.models.attention import with_latent_norm_eps
 from megatron_ec.models.config import MLAConfig, MoEModelConfig, RopeScaling
 from megatron_ec.models.family import Family, FusedExperts, Rule, register
 from megatron_ec.models.transforms import gate_up, same
@@ -129,6 +128,9 @@ def _latent_norm_eps(model_cfg: MoEModelConfig):
         return None  # MCore's layernorm_epsilon is already right for them
 
     def hook(block_spec):
+        # imported here: family files stay importable without Megatron-Core
+        from megatron_ec.models.attention import with_latent_norm_eps
+
         return with_latent_norm_eps(block_spec, LATENT_NORM_EPS)
 
     return hook

@@ -11,7 +11,6 @@ HF tensor names are the hub (on-disk) names: per-expert `gate_proj`/`up_proj`/`d
 
 from __future__ import annotations
 
-from megatron_ec.models.attention import with_full_width_qk_norm
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, FusedExperts, Rule, register
 from megatron_ec.models.transforms import gate_up, qkv, same
@@ -78,6 +77,10 @@ def _full_width_qk_norm(model_cfg: MoEModelConfig):
     """OLMoE normalises q and k over all heads at once (not per head as MCore's qk_layernorm)."""
 
     def hook(block_spec):
+        # imported here: family files stay importable without Megatron-Core (the converter CLI
+        # reads configs and weights before it imports MCore)
+        from megatron_ec.models.attention import with_full_width_qk_norm
+
         return with_full_width_qk_norm(block_spec, model_cfg.num_attention_heads,
                                        model_cfg.kv_heads)
 
