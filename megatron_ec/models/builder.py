@@ -71,6 +71,8 @@ def _mla_fields(model: MoEModelConfig) -> dict:
         "v_head_dim": mla.v_head_dim,
         "rotary_base": model.rope_theta,
         "rope_type": "yarn" if scaling else "rope",
+        # MLA always normalises its latents (kv, and q with q-LoRA); MCore calls them q/kv_layernorm
+        "qk_layernorm": True,
     }
     if scaling:
         fields.update(
@@ -176,7 +178,13 @@ def local_block_spec(tcfg):
         )
         _swap_norms(submodules, SequenceParallelTorchNorm)
         layer_specs.append(dataclasses.replace(layer_spec, submodules=submodules))
-    return dataclasses.replace(spec, layer_specs=layer_specs, layer_norm=SequenceParallelTorchNorm)
+    spec = dataclasses.replace(spec, layer_specs=layer_specs, layer_norm=SequenceParallelTorchNorm)
+    if tcfg.multi_latent_attention:
+        from megatron_ec.models.attention import use_local_mla
+
+        # MCore's local MLA spec does not build as is (see megatron_ec/models/attention.py)
+        spec = use_local_mla(spec)
+    return spec
 
 
 def decoder_block_spec(tcfg, router_builder: Callable | None = None,
