@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -125,9 +126,16 @@ def setup_phase(cfg):
 
     validate_for_world(cfg, world_size())
     start = find_start(cfg)
-    init_parallel(cfg.parallel, seed=cfg.train.seed)
-    dataset = _dataset_rank0_first(cfg, start)
-    return Phase(cfg, start, dataset)
+    out = Path(cfg.output.dir)
+    existed = out.exists()
+    try:
+        init_parallel(cfg.parallel, seed=cfg.train.seed)
+        dataset = _dataset_rank0_first(cfg, start)
+        return Phase(cfg, start, dataset)
+    except USER_ERRORS:
+        if not existed and is_rank0():
+            shutil.rmtree(out, ignore_errors=True)  # e.g. the data cache of a run that never ran
+        raise
 
 
 def run_phase(phase):
