@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from data_testing import alpaca_records, char_tokenizer, write_jsonl
+from tests.data_testing import alpaca_records, char_tokenizer, write_jsonl
 
 from megatron_ec.data import DataConfig, DataError, build_sft_dataset
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from data_testing import write_jsonl
+from tests.data_testing import write_jsonl
 
 from megatron_ec.data import DataConfig, DataError
 from megatron_ec.data.formats import to_conversation, with_answer

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from data_testing import char_tokenizer, sentencepiece_tokenizer
+from tests.data_testing import char_tokenizer, sentencepiece_tokenizer
 
 from megatron_ec.data import ChatEncoder, DataError, resolve_chat_template
 from megatron_ec.data.templates import ALPACA_PREAMBLE, BUILTIN_TEMPLATES

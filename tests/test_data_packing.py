@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from data_testing import alpaca_records, char_tokenizer, write_jsonl
+from tests.data_testing import alpaca_records, char_tokenizer, write_jsonl
 
 from megatron_ec.data import BATCH_KEYS, ChatEncoder, DataConfig, build_sft_dataset, collate
 from megatron_ec.data.formats import to_conversation

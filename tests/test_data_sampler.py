@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from data_testing import alpaca_records, char_tokenizer, write_jsonl
+from tests.data_testing import alpaca_records, char_tokenizer, write_jsonl
 
 from megatron_ec.data import BatchSampler, DataConfig, build_sft_dataset, eval_micro_batches
 

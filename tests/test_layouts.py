@@ -12,16 +12,23 @@ from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from tests.harness import run_on_ranks
 from tests.tiny import build_tiny, forward_loss, tiny_batch
 
-LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+# (TP, EP, expert-TP)
+LAYOUTS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)]
 
 
-def _loss_and_grads(parallel: ParallelConfig, ckpt_dir, save: bool):
-    init_parallel(parallel, seed=1234)
+def _model_from_checkpoint(layout, ckpt_dir, save: bool, seed: int):
+    """A tiny model at `layout` that writes its own initial weights to, or reads them from, ckpt."""
+    parallel = ParallelConfig(tensor_model_parallel_size=layout[0],
+                              expert_model_parallel_size=layout[1],
+                              expert_tensor_parallel_size=layout[2])
+    init_parallel(parallel, seed=seed)
     model, tcfg = build_tiny(parallel)
-    if save:
-        save_model_weights(model, ckpt_dir)
-    else:
-        load_model_weights(model, ckpt_dir)
+    (save_model_weights if save else load_model_weights)(model, ckpt_dir)
+    return model, tcfg
+
+
+def _loss_and_grads(layout, ckpt_dir, save: bool):
+    model, tcfg = _model_from_checkpoint(layout, ckpt_dir, save, seed=1234)
     ddp = wrap_ddp(model, tcfg)
     ddp.zero_grad_buffer()
     loss = forward_loss(ddp, tiny_batch())
@@ -34,12 +41,11 @@ def layouts_worker(tmp_dir):
     """Rank 0 returns {layout: (loss, grads)} for a TP1/EP1 checkpoint loaded at every layout."""
     ref_ckpt = f"{tmp_dir}/tp1ep1"
     results = {}
-    for tp, ep in LAYOUTS:
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-        results[(tp, ep)] = _loss_and_grads(parallel, ref_ckpt, save=(tp, ep) == (1, 1))
+    for layout in LAYOUTS:
+        results[layout] = _loss_and_grads(layout, ref_ckpt, save=layout == (1, 1, 1))
     # A checkpoint written at TP2/EP2 (its own initialisation) read back at every layout.
     cross_ckpt = f"{tmp_dir}/tp2ep2"
-    cross = {"saved": _eval_loss((2, 2), cross_ckpt, save=True)}
+    cross = {"saved": _eval_loss((2, 2, 1), cross_ckpt, save=True)}
     for layout in LAYOUTS:
         cross[layout] = _eval_loss(layout, cross_ckpt, save=False)
     roundtrip = _shard_roundtrip()
@@ -60,14 +66,7 @@ def _shard_roundtrip() -> float:
 
 
 def _eval_loss(layout, ckpt_dir, save: bool) -> float:
-    parallel = ParallelConfig(tensor_model_parallel_size=layout[0],
-                              expert_model_parallel_size=layout[1])
-    init_parallel(parallel, seed=99)
-    model, _ = build_tiny(parallel)
-    if save:
-        save_model_weights(model, ckpt_dir)
-    else:
-        load_model_weights(model, ckpt_dir)
+    model, _ = _model_from_checkpoint(layout, ckpt_dir, save, seed=99)
     model.eval()
     with torch.no_grad():
         return forward_loss(model, tiny_batch(seed=5)).item()
@@ -76,7 +75,7 @@ def _eval_loss(layout, ckpt_dir, save: bool) -> float:
 def test_layouts_match_tp1_ep1(tmp_path):
     results, cross, roundtrip = run_on_ranks(layouts_worker, world_size=4, args=(str(tmp_path),),
                                   timeout=600)[0]
-    ref_loss, ref_grads = results[(1, 1)]
+    ref_loss, ref_grads = results[(1, 1, 1)]
     checked = {"router": 0, "experts": 0, "norm": 0}
     for layout, (loss, grads) in results.items():
         assert abs(loss - ref_loss) < 1e-5, f"{layout}: loss {loss} vs TP1/EP1 {ref_loss}"
