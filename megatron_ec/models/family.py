@@ -8,10 +8,20 @@ A family file (`megatron_ec/models/<model_type>.py`) is data first:
   ids, as `megatron_ec.models.layout.full_tensors` names them) to HF tensor names, each with a pair
   of transforms; sharding over TP/EP is NOT the family's business (layout.py does it);
 - `ignored_hf_keys`: regexes of HF tensors that are deliberately not mapped (e.g. rotary caches);
+- `hf_aliases` and `fused_experts`: other on-disk spellings of the same tensors, accepted on import
+  (e.g. transformers v5's fused `[E, ...]` expert tensors written by
+  `save_pretrained(save_original_format=False)`); export always writes the canonical names of
+  `rules`, i.e. the per-expert layout of the hub checkpoints;
 - `attention_hook(model_cfg)`: an optional quirk that edits the Megatron block spec (OLMoE's
   full-width QK-norm), or None.
 
 Names in rules use `{layer}` and `{expert}` placeholders; `layers` says which layers a rule covers.
+
+Transforms see whole tensors on export. On import each rank may read only its tensor-parallel
+slice: every HF tensor of a rule is cut into equal pieces along the Megatron parameter's partition
+dim and `to_megatron` gets the pieces, so it must commute with that cut (identity, per-head QKV
+fusion and [gate; up] do; derive head counts from tensor sizes, not from the config). A rule whose
+transform does not commute sets `shardable=False` and gets whole tensors.
 """
 
 from __future__ import annotations
@@ -50,6 +60,31 @@ class Rule:
     layers: str = "all"
     """Which layers the rule covers: "all", "moe" (MoE layers) or "dense" (dense-MLP layers);
     patterns without {layer} are global."""
+    pads_vocab: bool = False
+    """Dim 0 is the vocabulary: Megatron holds `padded_vocab_size` rows; the extra rows are zero on
+    import and trimmed on export (embeddings, output layer)."""
+    shardable: bool = True
+    """`to_megatron` commutes with cutting the HF tensors along the TP partition dim (see above)."""
+
+    def __post_init__(self) -> None:
+        if self.layers not in ("all", "moe", "dense"):
+            raise ValueError(f"Rule {self.megatron}: layers={self.layers!r}; use all, moe or dense")
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """One HF tensor holding a projection of every expert of a layer, `[E, rows, ...]`.
+
+    transformers v5 keeps experts fused in memory (`mlp.experts.gate_up_proj [E, 2I, H]`) and
+    writes them fused with `save_pretrained(save_original_format=False)`. On import the fused
+    tensor is read as the per-expert tensors in `parts`, which split `rows` into equal blocks in
+    order (gate_up_proj[e] = [gate_proj[e]; up_proj[e]]).
+    """
+
+    fused: str
+    """HF name pattern of the fused tensor, with {layer}."""
+    parts: tuple[str, ...]
+    """Canonical per-expert HF name patterns (with {layer} and {expert}) it holds, in row order."""
 
 
 class Family(ABC):
@@ -57,6 +92,9 @@ class Family(ABC):
 
     model_type: ClassVar[str] = ""
     ignored_hf_keys: ClassVar[tuple[str, ...]] = ()
+    hf_aliases: ClassVar[dict[str, str]] = {}
+    """Other on-disk name pattern -> canonical HF name pattern (placeholders {layer}, {expert})."""
+    fused_experts: ClassVar[tuple[FusedExperts, ...]] = ()
 
     @abstractmethod
     def to_model_config(self, hf_config) -> MoEModelConfig:

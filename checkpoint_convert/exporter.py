@@ -1,0 +1,105 @@
+"""megatron_ec checkpoint -> HF directory that stock transformers loads.
+
+One process: the checkpoint (any layout) is loaded at TP1/EP1 in the dtype it was stored in, then
+every rule's HF tensors are produced one entry at a time and streamed into safetensors shards
+(peak memory: the model plus one shard). Tensors get the hub's per-expert names, vocab padding is
+trimmed, and the dtype is the original HF dtype unless `--dtype` says otherwise. The routing state
+goes to `megatron_ec_routing.json` (see `megatron_ec.eval.hf_routing`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from checkpoint_convert.errors import ConversionError
+from checkpoint_convert.importer import DTYPE_NAMES, family_for
+from checkpoint_convert.mapping import expand, megatron_name
+from checkpoint_convert.outputs import check_output, copy_tokenizer, staged_directory
+from checkpoint_convert.shards import ShardWriter
+from checkpoint_convert.verify import load_megatron, open_checkpoint
+from megatron_ec.eval.hf_routing import write_routing_file
+from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS
+from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.family import Family
+from megatron_ec.parallel import ParallelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+def stored_precision(weights_dir: Path) -> str:
+    """"bf16" if the checkpoint stores its weights in bf16 (routing buffers are always fp32)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(weights_dir))
+    dtypes = {t.dtype for key, t in metadata.items()
+              if hasattr(t, "dtype") and not key.endswith("selection_bias")}
+    return "bf16" if dtypes == {torch.bfloat16} else "fp32"
+
+
+def hf_tensors(family: Family, cfg: MoEModelConfig, params: dict[str, torch.Tensor],
+               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every rule entry, from TP1/EP1 Megatron tensors; strict both ways."""
+    entries = expand(family, cfg)
+    unmapped = sorted(set(params) - {entry.megatron for entry in entries})
+    if unmapped:
+        raise RuntimeError(f"family {family.model_type} has no rule for {unmapped[:3]}")
+    for entry in entries:
+        outputs = entry.rule.to_hf(params[entry.megatron], cfg)
+        for name, tensor in zip(entry.hf, outputs, strict=True):
+            if entry.rule.pads_vocab:
+                tensor = tensor[: cfg.vocab_size]
+            yield name, tensor.detach().to(dtype, copy=True).contiguous()
+
+
+def exported_config(family: Family, cfg: MoEModelConfig, meta: dict, dtype: torch.dtype) -> dict:
+    config = family.to_hf_config(cfg, meta["hf_config"])
+    config.pop("torch_dtype", None)
+    config["dtype"] = DTYPE_NAMES[dtype]
+    return config
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
+              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the HF directory of a megatron_ec checkpoint to `out`; returns `out`.
+
+    Args:
+        ckpt: checkpoint root (uses `latest`) or an iteration directory.
+        out: the HF output directory (absent or empty unless `overwrite`).
+        dtype: "fp32", "bf16" or "fp16"; None = the dtype of the imported HF weights.
+        overwrite: replace a non-empty `out` (only once the new one is complete).
+        max_shard_bytes: start a new safetensors shard beyond this size.
+    """
+    from megatron_ec.moe.state import selection_biases
+    from megatron_ec.parallel import init_parallel
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError("export", "runs in one process", "launch it with python, not torchrun")
+    out = Path(out)
+    check_output(out, overwrite)
+    iteration, meta, cfg, method = open_checkpoint(ckpt)
+    family = family_for(meta["family"], str(iteration / "model.json"))
+    out_dtype = DTYPES[dtype] if dtype else getattr(torch, meta.get("hf_dtype", "float32"))
+    init_parallel(ParallelConfig(), seed=0)
+    model, _, _ = load_megatron(iteration, precision=stored_precision(iteration / WEIGHTS))
+    params = {megatron_name(name): p for name, p in model.named_parameters()}
+    with staged_directory(out) as staging:
+        writer = ShardWriter(staging, max_shard_bytes)
+        for name, tensor in hf_tensors(family, cfg, params, out_dtype):
+            writer.add(name, tensor)
+        writer.close()
+        _write_json(staging / "config.json", exported_config(family, cfg, meta, out_dtype))
+        if meta.get("generation_config") is not None:
+            _write_json(staging / "generation_config.json", meta["generation_config"])
+        copy_tokenizer(iteration / TOKENIZER, staging)
+        write_routing_file(staging, method, selection_biases(model))
+    return out

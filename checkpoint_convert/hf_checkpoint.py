@@ -1,0 +1,205 @@
+"""A lazy, read-only view of an HF checkpoint directory under a family's canonical tensor names.
+
+Safetensors files (one, or shards with `model.safetensors.index.json`) are read through
+`safe_open(...).get_slice`, so a rank reads only the rows it asks for. Pickled `.bin` files are
+opened only with `torch.load(weights_only=True, mmap=True)`. Other on-disk spellings of a tensor
+(the family's `hf_aliases`, fused `[E, ...]` expert tensors) appear under their canonical names.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from checkpoint_convert.errors import ConversionError
+from checkpoint_convert.mapping import fill, pattern_regex
+from megatron_ec.models.family import Family
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+              "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+
+class _SafetensorsTensor:
+    """One tensor of an open safetensors file; indexing reads only the selected rows."""
+
+    def __init__(self, handle, key: str) -> None:
+        self._slice = handle.get_slice(key)
+        self.shape = tuple(self._slice.get_shape())
+        self.dtype = _ST_DTYPES.get(self._slice.get_dtype())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+
+@dataclass
+class _Source:
+    """Where a canonical tensor lives: a file, its on-disk key, and for fused experts which block."""
+
+    path: Path
+    key: str
+    tensor: object
+    """`_SafetensorsTensor` or a memory-mapped torch.Tensor."""
+    expert: int | None = None
+    part: int = 0
+    num_parts: int = 1
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}[{self.key}]"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.tensor.shape)
+        if self.expert is None:
+            return shape
+        return (shape[1] // self.num_parts, *shape[2:])
+
+    def read(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along `dim`; rows past the end come back as zeros (vocab padding)."""
+        shape = self.shape
+        end = min(stop, shape[dim])
+        begin = min(start, end)
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(begin, end)
+        if self.expert is None:
+            piece = self.tensor[tuple(index)]
+        else:
+            offset = self.part * shape[0]
+            rows = index[0]
+            index[0] = slice(offset + (rows.start or 0), offset + (rows.stop or shape[0]))
+            piece = self.tensor[(slice(self.expert, self.expert + 1), *index)][0]
+        if end - begin == stop - start:
+            return piece
+        pad_shape = list(piece.shape)
+        pad_shape[dim] = stop - start - (end - begin)
+        return torch.cat([piece, piece.new_zeros(pad_shape)], dim=dim)
+
+
+class HFCheckpoint:
+    """The tensors of an HF model directory, by canonical name, read lazily."""
+
+    def __init__(self, hf_dir: str | Path, family: Family) -> None:
+        self.hf_dir = Path(hf_dir)
+        self._aliases = [(pattern_regex(alt), canon) for alt, canon in family.hf_aliases.items()]
+        self._fused = [(pattern_regex(f.fused), f) for f in family.fused_experts]
+        self._sources: dict[str, _Source] = {}
+        for path in weight_files(self.hf_dir):
+            for key, tensor in _open(path).items():
+                for name, source in self._canonical(_Source(path, key, tensor)):
+                    self._add(name, source)
+
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._sources[name].shape
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return self._sources[name].tensor.dtype
+
+    def where(self, name: str) -> str:
+        """`file[on-disk key]` of a canonical tensor, for error messages."""
+        return self._sources[name].where
+
+    def read(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None
+             ) -> torch.Tensor:
+        """Rows [start, stop) of `name` along `dim` (whole tensor by default), zero past the end."""
+        source = self._sources[name]
+        return source.read(dim, start, source.shape[dim] if stop is None else stop)
+
+    def _canonical(self, source: _Source) -> list[tuple[str, _Source]]:
+        for regex, canonical in self._aliases:
+            match = regex.match(source.key)
+            if match:
+                groups = match.groupdict()
+                return [(fill(canonical, groups.get("layer"), groups.get("expert")), source)]
+        for regex, fused in self._fused:
+            match = regex.match(source.key)
+            if match:
+                return self._split_fused(source, fused, match.group("layer"))
+        return [(source.key, source)]
+
+    def _split_fused(self, source: _Source, fused, layer: str) -> list[tuple[str, _Source]]:
+        shape, num_parts = tuple(source.tensor.shape), len(fused.parts)
+        if len(shape) < 2 or shape[1] % num_parts:
+            raise ConversionError(source.where, f"fused expert tensor of shape {shape} cannot hold "
+                                  f"{num_parts} equal blocks per expert",
+                                  "check that config.json matches the weights")
+        return [(fill(part, layer, expert),
+                 _Source(source.path, source.key, source.tensor, expert, index, num_parts))
+                for expert in range(shape[0]) for index, part in enumerate(fused.parts)]
+
+    def _add(self, name: str, source: _Source) -> None:
+        if name in self._sources:
+            raise ConversionError(source.where, f"holds {name}, which "
+                                  f"{self._sources[name].where} already holds",
+                                  "keep one copy (per-expert or fused layout, not both)")
+        self._sources[name] = source
+
+
+def weight_files(hf_dir: Path) -> list[Path]:
+    """The weight files of an HF directory: an index's shards, one file, or all of one kind."""
+    for index_name in _INDEXES:
+        index = hf_dir / index_name
+        if index.is_file():
+            return _indexed_files(index)
+    for single in _SINGLES:
+        if (hf_dir / single).is_file():
+            return [hf_dir / single]
+    files = sorted(hf_dir.glob("*.safetensors")) or sorted(hf_dir.glob("*.bin"))
+    if not files:
+        raise ConversionError(str(hf_dir), "no model weights (*.safetensors or *.bin)",
+                              "pass the directory save_pretrained wrote")
+    return files
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConversionError(str(index), f"unreadable index ({err})",
+                              "re-save the model or delete the index") from None
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for path in files:
+        if not path.is_file():
+            raise ConversionError(str(path), "listed in the index but missing",
+                                  "copy every shard of the checkpoint")
+    return files
+
+
+def _open(path: Path) -> dict[str, object]:
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path)
+    return _open_pickle(path)
+
+
+def _open_safetensors(path: Path) -> dict[str, object]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+        return {key: _SafetensorsTensor(handle, key) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - SafetensorError is not importable by name
+        raise ConversionError(str(path), f"corrupt safetensors file ({err})",
+                              "re-download or re-save it") from None
+
+
+def _open_pickle(path: Path) -> dict[str, object]:
+    """A `.bin` state dict, loaded only as plain tensors (never arbitrary pickled objects)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(str(path), f"not loadable with torch.load(weights_only=True) "
+                              f"({first_line})", "convert it to safetensors where you trust "
+                              "its origin, or use a safetensors checkpoint") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ConversionError(str(path), "is not a state dict of tensors",
+                              "pass a checkpoint written by save_pretrained")
+    return state

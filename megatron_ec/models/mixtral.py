@@ -1,0 +1,69 @@
+"""Mixtral (HF `model_type` "mixtral") <-> Megatron-Core.
+
+Facts from transformers 5.23 `modeling_mixtral.py` and `conversion_mapping.py`:
+- routing: softmax over all experts, top-k, ALWAYS renormalised (no `norm_topk_prob` flag);
+- hub checkpoints (and `save_pretrained`) name the MoE block `block_sparse_moe` with per-expert
+  `w1` (gate), `w3` (up), `w2` (down); in memory, and on disk with
+  `save_original_format=False`, it is `mlp.gate` and fused `mlp.experts.{gate_up,down}_proj`;
+- every layer is MoE, no shared expert, no attention bias; `sliding_window` must be off (null);
+- `router_jitter_noise` only perturbs training inputs in HF; it is carried through unchanged.
+"""
+
+from __future__ import annotations
+
+from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.family import Family, FusedExperts, register
+from megatron_ec.models.hf_config import common_checks, decoder_fields, decoder_hf_fields, require
+from megatron_ec.models.transforms import gate_up, qkv, same
+
+M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+ATTN, MOE = H + "self_attn.", H + "block_sparse_moe."
+EXPERT = MOE + "experts.{expert}."
+
+
+@register
+class Mixtral(Family):
+    """Mixtral-8x7B, Mixtral-8x22B and relatives."""
+
+    model_type = "mixtral"
+    ignored_hf_keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    hf_aliases = {H + "mlp.gate.weight": MOE + "gate.weight"}
+    fused_experts = (
+        FusedExperts(H + "mlp.experts.gate_up_proj", (EXPERT + "w1.weight", EXPERT + "w3.weight")),
+        FusedExperts(H + "mlp.experts.down_proj", (EXPERT + "w2.weight",)),
+    )
+
+    def to_model_config(self, hf_config) -> MoEModelConfig:
+        require(self.model_type, [
+            *common_checks(hf_config),
+            (hf_config.sliding_window is None,
+             f"sliding_window={hf_config.sliding_window} is not supported; set it to null "
+             "(Megatron attends over the full context)"),
+        ])
+        return MoEModelConfig(
+            **decoder_fields(hf_config, hf_config.intermediate_size),
+            score_function="softmax",
+            norm_topk_prob=True,
+        )
+
+    def to_hf_config(self, model_cfg: MoEModelConfig, original: dict) -> dict:
+        out = decoder_hf_fields(model_cfg, original)
+        out.update(num_local_experts=model_cfg.num_experts,
+                   intermediate_size=model_cfg.moe_ffn_hidden_size)
+        return out
+
+    def rules(self, model_cfg: MoEModelConfig):
+        expert = "mlp.experts.local_experts.{expert}."
+        return [
+            same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
+            same("decoder.final_layernorm.weight", "model.norm.weight"),
+            same("output_layer.weight", "lm_head.weight", pads_vocab=True),
+            same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
+            qkv(M + "self_attention.linear_qkv.weight",
+                ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
+            same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
+            same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+            same(M + "mlp.router.weight", MOE + "gate.weight"),
+            gate_up(M + expert + "linear_fc1.weight", EXPERT + "w1.weight", EXPERT + "w3.weight"),
+            same(M + expert + "linear_fc2.weight", EXPERT + "w2.weight"),
+        ]

@@ -1,0 +1,108 @@
+"""Qwen1.5-MoE / Qwen2-MoE (HF `model_type` "qwen2_moe") <-> Megatron-Core.
+
+Facts from transformers 5.23 `modeling_qwen2_moe.py`:
+- routing: softmax over all experts, top-k, renormalised only if `norm_topk_prob` (False on the
+  hub), no bias, no scaling;
+- a shared expert (`shared_expert_intermediate_size`) whose output is scaled by
+  sigmoid(`shared_expert_gate`(x)) -> MCore `moe_shared_expert_gate`;
+- q/k/v carry a bias (`qkv_bias`), o_proj none;
+- layer L is MoE iff L is not in `mlp_only_layers` and (L + 1) % `decoder_sparse_step` == 0; the
+  other layers have a dense MLP of `intermediate_size`.
+"""
+
+from __future__ import annotations
+
+from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.family import Family, FusedExperts, register
+from megatron_ec.models.hf_config import (
+    common_checks,
+    decoder_fields,
+    decoder_hf_fields,
+    qwen_dense_layers,
+    require,
+)
+from megatron_ec.models.transforms import gate_up, qkv, same
+
+M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+ATTN, MLP = H + "self_attn.", H + "mlp."
+
+QWEN_FUSED_EXPERTS = (
+    FusedExperts(MLP + "experts.gate_up_proj",
+                 (MLP + "experts.{expert}.gate_proj.weight", MLP + "experts.{expert}.up_proj.weight")),
+    FusedExperts(MLP + "experts.down_proj", (MLP + "experts.{expert}.down_proj.weight",)),
+)
+
+
+@register
+class Qwen2Moe(Family):
+    """Qwen1.5-MoE-A2.7B and relatives."""
+
+    model_type = "qwen2_moe"
+    ignored_hf_keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    fused_experts = QWEN_FUSED_EXPERTS
+
+    def to_model_config(self, hf_config) -> MoEModelConfig:
+        dense = qwen_dense_layers(hf_config)
+        require(self.model_type, [
+            *common_checks(hf_config),
+            (not hf_config.use_sliding_window,
+             "use_sliding_window=True is not supported; Megatron attends over the full context"),
+            (hf_config.shared_expert_intermediate_size > 0,
+             "shared_expert_intermediate_size must be > 0 (every Qwen2-MoE layer has one)"),
+            (len(dense) < hf_config.num_hidden_layers,
+             "no MoE layer (check num_experts, decoder_sparse_step and mlp_only_layers)"),
+        ])
+        return MoEModelConfig(
+            **decoder_fields(hf_config, hf_config.moe_intermediate_size),
+            ffn_hidden_size=hf_config.intermediate_size if dense else None,
+            dense_layers=dense,
+            shared_expert_size=hf_config.shared_expert_intermediate_size,
+            shared_expert_gate=True,
+            qkv_bias=hf_config.qkv_bias,
+            score_function="softmax",
+            norm_topk_prob=hf_config.norm_topk_prob,
+        )
+
+    def to_hf_config(self, model_cfg: MoEModelConfig, original: dict) -> dict:
+        out = decoder_hf_fields(model_cfg, original)
+        out.update(
+            num_experts=model_cfg.num_experts,
+            moe_intermediate_size=model_cfg.moe_ffn_hidden_size,
+            shared_expert_intermediate_size=model_cfg.shared_expert_size,
+            qkv_bias=model_cfg.qkv_bias,
+            norm_topk_prob=model_cfg.norm_topk_prob,
+        )
+        if model_cfg.ffn_hidden_size:
+            out["intermediate_size"] = model_cfg.ffn_hidden_size
+        return out
+
+    def rules(self, model_cfg: MoEModelConfig):
+        bias = [qkv(M + "self_attention.linear_qkv.bias",
+                    ATTN + "q_proj.bias", ATTN + "k_proj.bias", ATTN + "v_proj.bias")]
+        expert = "mlp.experts.local_experts.{expert}."
+        return [
+            same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
+            same("decoder.final_layernorm.weight", "model.norm.weight"),
+            same("output_layer.weight", "lm_head.weight", pads_vocab=True),
+            same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
+            qkv(M + "self_attention.linear_qkv.weight",
+                ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
+            *(bias if model_cfg.qkv_bias else []),
+            same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
+            same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+            gate_up(M + "mlp.linear_fc1.weight", MLP + "gate_proj.weight", MLP + "up_proj.weight",
+                    layers="dense"),
+            same(M + "mlp.linear_fc2.weight", MLP + "down_proj.weight", layers="dense"),
+            same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
+            gate_up(M + expert + "linear_fc1.weight", MLP + "experts.{expert}.gate_proj.weight",
+                    MLP + "experts.{expert}.up_proj.weight", layers="moe"),
+            same(M + expert + "linear_fc2.weight", MLP + "experts.{expert}.down_proj.weight",
+                 layers="moe"),
+            gate_up(M + "mlp.shared_experts.linear_fc1.weight",
+                    MLP + "shared_expert.gate_proj.weight", MLP + "shared_expert.up_proj.weight",
+                    layers="moe"),
+            same(M + "mlp.shared_experts.linear_fc2.weight", MLP + "shared_expert.down_proj.weight",
+                 layers="moe"),
+            same(M + "mlp.shared_experts.gate_weight", MLP + "shared_expert_gate.weight",
+                 layers="moe"),
+        ]

@@ -1,0 +1,86 @@
+"""Qwen3-MoE (HF `model_type` "qwen3_moe") <-> Megatron-Core.
+
+Facts from transformers 5.23 `modeling_qwen3_moe.py`:
+- routing: softmax over all experts, top-k, renormalised if `norm_topk_prob` (True on the hub);
+- per-head RMSNorm on queries and keys (`q_norm`/`k_norm` of size head_dim, before RoPE) ->
+  MCore `qk_layernorm`; `head_dim` may differ from hidden_size / num_attention_heads;
+- no shared expert; `attention_bias` puts a bias on q/k/v AND o_proj (Megatron-Core can bias
+  only q/k/v on its own, so it is rejected);
+- dense layers from `mlp_only_layers` / `decoder_sparse_step` as in Qwen2-MoE.
+"""
+
+from __future__ import annotations
+
+from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.family import Family, register
+from megatron_ec.models.hf_config import (
+    common_checks,
+    decoder_fields,
+    decoder_hf_fields,
+    qwen_dense_layers,
+    require,
+)
+from megatron_ec.models.qwen2_moe import ATTN, MLP, QWEN_FUSED_EXPERTS, H, M
+from megatron_ec.models.transforms import gate_up, qkv, same
+
+
+@register
+class Qwen3Moe(Family):
+    """Qwen3-30B-A3B, Qwen3-235B-A22B and relatives."""
+
+    model_type = "qwen3_moe"
+    fused_experts = QWEN_FUSED_EXPERTS
+
+    def to_model_config(self, hf_config) -> MoEModelConfig:
+        dense = qwen_dense_layers(hf_config)
+        require(self.model_type, [
+            *common_checks(hf_config),
+            (not hf_config.use_sliding_window,
+             "use_sliding_window=True is not supported; Megatron attends over the full context"),
+            (not hf_config.attention_bias,
+             "attention_bias=True (bias on q/k/v/o) is not supported"),
+            (len(dense) < hf_config.num_hidden_layers,
+             "no MoE layer (check num_experts, decoder_sparse_step and mlp_only_layers)"),
+        ])
+        return MoEModelConfig(
+            **decoder_fields(hf_config, hf_config.moe_intermediate_size),
+            ffn_hidden_size=hf_config.intermediate_size if dense else None,
+            dense_layers=dense,
+            qk_norm="per_head",
+            score_function="softmax",
+            norm_topk_prob=hf_config.norm_topk_prob,
+        )
+
+    def to_hf_config(self, model_cfg: MoEModelConfig, original: dict) -> dict:
+        out = decoder_hf_fields(model_cfg, original)
+        out.update(
+            num_local_experts=model_cfg.num_experts,
+            moe_intermediate_size=model_cfg.moe_ffn_hidden_size,
+            norm_topk_prob=model_cfg.norm_topk_prob,
+        )
+        if model_cfg.ffn_hidden_size:
+            out["intermediate_size"] = model_cfg.ffn_hidden_size
+        return out
+
+    def rules(self, model_cfg: MoEModelConfig):
+        expert = "mlp.experts.local_experts.{expert}."
+        return [
+            same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
+            same("decoder.final_layernorm.weight", "model.norm.weight"),
+            same("output_layer.weight", "lm_head.weight", pads_vocab=True),
+            same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
+            qkv(M + "self_attention.linear_qkv.weight",
+                ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
+            same(M + "self_attention.q_layernorm.weight", ATTN + "q_norm.weight"),
+            same(M + "self_attention.k_layernorm.weight", ATTN + "k_norm.weight"),
+            same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
+            same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+            gate_up(M + "mlp.linear_fc1.weight", MLP + "gate_proj.weight", MLP + "up_proj.weight",
+                    layers="dense"),
+            same(M + "mlp.linear_fc2.weight", MLP + "down_proj.weight", layers="dense"),
+            same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
+            gate_up(M + expert + "linear_fc1.weight", MLP + "experts.{expert}.gate_proj.weight",
+                    MLP + "experts.{expert}.up_proj.weight", layers="moe"),
+            same(M + expert + "linear_fc2.weight", MLP + "experts.{expert}.down_proj.weight",
+                 layers="moe"),
+        ]
