@@ -31,13 +31,33 @@ logger = logging.getLogger("megatron_ec.finetune")
 
 def parse_args(argv: list[str] | None, prog: str, doc: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config or recipe file")
+    parser.add_argument("--config", help="YAML config or recipe file")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every config key with its default and meaning, then exit")
     parser.add_argument("--phase", default=None, help="run this phase of a recipe file")
     parser.add_argument("--check", action="store_true",
                         help="validate config, checkpoint and data, write nothing, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: the number of ranks the run will have")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
                         help="config overrides, e.g. train.max_steps=100 output.dir=runs/x")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.config and not args.list_keys:
+        parser.error("--config is required")
+    return args
+
+
+def list_keys() -> str:
+    """Every config key with its default and docstring (from the section dataclasses)."""
+    from megatron_ec.training.config import FinetuneConfig
+    from megatron_ec.training.config_tree import describe_keys
+
+    lines = []
+    for key, default, doc in describe_keys(FinetuneConfig):
+        lines.append(f"{key} = {default}")
+        if doc:
+            lines.append(f"    {doc}")
+    return "\n".join(lines)
 
 
 def world_size() -> int:
@@ -86,11 +106,16 @@ def build_dataset(cfg, start, write_cache: bool):
                              output_dir=cfg.output.dir if write_cache else None)
 
 
-def check_phase(cfg) -> str:
-    """Everything `run_phase` validates before training, on one process, writing nothing."""
+def check_phase(cfg, num_ranks: int | None = None) -> str:
+    """Everything `setup_phase` validates before training, on one process, writing nothing.
+
+    Args:
+        cfg: the phase.
+        num_ranks: ranks of the real run (default: this launch's WORLD_SIZE).
+    """
     from megatron_ec.training.loop import find_start
 
-    validate_for_world(cfg, world_size())
+    validate_for_world(cfg, num_ranks or world_size())
     start = find_start(cfg)
     dataset = build_dataset(cfg, start, write_cache=False)
     steps = cfg.train.total_steps(len(dataset))
@@ -180,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     prog = "megatron_ec.finetune"
     args = parse_args(argv, prog, __doc__)
     quiet_libraries()
+    if args.list_keys:
+        print(list_keys())
+        return 0
     try:
         try:
             cfg = load_phase_config(args.config, args.overrides, args.phase)
             if args.check:
-                print(check_phase(cfg), file=sys.stderr)
+                print(check_phase(cfg, args.world_size), file=sys.stderr)
                 return 0
             phase = setup_phase(cfg)
         except USER_ERRORS as err:

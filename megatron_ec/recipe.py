@@ -15,6 +15,8 @@ A recipe is a fine-tuning config (sections model, data, train, parallel, method,
 
 Each phase's config = the top-level sections, then the phase's own sections, then the command-line
 overrides (`train.max_steps=10` applies to every phase; `phases.condenser.train.lr=1e-5` to one).
+A shared `model.checkpoint` (file or override) is where the FIRST phase starts; later phases start
+from the previous phase's output.dir unless they set their own model.checkpoint.
 A phase whose output.dir already holds its final checkpoint is skipped, and an interrupted phase
 resumes, so re-running the same command continues where it stopped. Phase 2 alone, from a phase-1
 checkpoint: `python -m megatron_ec.finetune --config R.yaml --phase condenser`.
@@ -140,12 +142,15 @@ class Recipe:
             raise ConfigError(f"{self.path}: no phase named {name!r}; phases: "
                               f"{', '.join(p.name for p in self.phases)}")
         data = merge(self.base, self.phases[index].sections)
-        own_checkpoint = "checkpoint" in (self.phases[index].sections.get("model") or {})
+        data = apply_overrides(data, self.global_overrides, FinetuneConfig)
+        data = apply_overrides(data, self.phase_overrides[name], FinetuneConfig)
+        own_checkpoint = ("checkpoint" in (self.phases[index].sections.get("model") or {}) or
+                          any(o.startswith("model.checkpoint=") for o in self.phase_overrides[name]))
         if index > 0 and not own_checkpoint:
+            # chaining wins over a shared model.checkpoint: that one is where phase 1 starts
             previous = self.phase_data(self.phases[index - 1].name)
             data = merge(data, {"model": {"checkpoint": _output_dir(previous)}})
-        data = apply_overrides(data, self.global_overrides, FinetuneConfig)
-        return apply_overrides(data, self.phase_overrides[name], FinetuneConfig)
+        return data
 
     def _has(self, name: str) -> bool:
         return any(p.name == name for p in self.phases)
@@ -185,11 +190,13 @@ def print_paths(recipe: Recipe) -> str:
         "EVAL_MAX_SAMPLES": str(recipe.pipeline.eval.max_samples),
         "EVAL_MAX_NEW_TOKENS": str(recipe.pipeline.eval.max_new_tokens),
         "PHASE_DIRS": " ".join(c.output.dir for c in configs),
+        "TP": str(first.parallel.tensor_model_parallel_size),
+        "EP": str(first.parallel.expert_model_parallel_size),
     }
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
-def check_all(recipe: Recipe) -> list[str]:
+def check_all(recipe: Recipe, num_ranks: int | None = None) -> list[str]:
     """`finetune --check` for every phase; a later phase whose start does not exist yet is checked
     against the first phase's start (same model and tokenizer)."""
     from megatron_ec.finetune import check_phase
@@ -204,7 +211,7 @@ def check_all(recipe: Recipe) -> list[str]:
                 raise ValueError(f"model.checkpoint={source}: no checkpoint there yet; import one "
                                  "with python -m checkpoint_convert import")
             cfg = dataclasses.replace(cfg, model=configs[0].model)
-        lines.append(f"phase {phase.name}: {check_phase(cfg)}")
+        lines.append(f"phase {phase.name}: {check_phase(cfg, num_ranks)}")
     return lines
 
 
@@ -216,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron_ec.recipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--check", action="store_true", help="validate every phase and exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: the number of ranks the run will have")
     parser.add_argument("--print-paths", action="store_true", help="shell assignments for launchers")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     args = parser.parse_args(argv)
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(print_paths(recipe))
                 return 0
             if args.check:
-                for line in check_all(recipe):
+                for line in check_all(recipe, args.world_size):
                     print(line, file=sys.stderr)
                 return 0
             configs = recipe.configs()

@@ -57,12 +57,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay on matrices (TRL default 0.0; biases and norms never decay)."""
     adam_beta1: float = 0.9
+    """AdamW beta1 (torch/TRL default)."""
     adam_beta2: float = 0.999
+    """AdamW beta2 (torch/TRL default)."""
     adam_eps: float = 1e-8
+    """AdamW epsilon (torch/TRL default)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm (over all TP/EP shards) to this; 0 = off (TRL default 1.0)."""
     seed: int = 1234
-    """Seeds Megatron's RNG streams and, unless `data.seed` differs, nothing else (paper: 1234)."""
+    """Seeds torch and Megatron's model-parallel RNG streams (paper: 1234); the data order has
+    its own `data.seed`."""
     precision: str = "fp32"
     """"fp32" (CPU and GPU), "bf16" or "fp8" (GPU only: Float16Module + Megatron's optimizer with
     fp32 master weights; FP8 GEMMs through Transformer Engine)."""
