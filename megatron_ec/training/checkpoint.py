@@ -159,6 +159,11 @@ def has_train_state(iteration: Path) -> bool:
     return (iteration / ckpt_dir.TRAIN_STATE / COMMON).is_file()
 
 
+def saved_step(iteration: Path) -> int:
+    """The step a trainer checkpoint was saved at (read without loading anything else)."""
+    return int(torch.load(iteration / ckpt_dir.TRAIN_STATE / COMMON, weights_only=False)["step"])
+
+
 def load_train_state(iteration: Path, model, optimizer) -> TrainState:
     """Optimizer and RNG states of this rank plus the common train state (collective).
 

@@ -138,14 +138,24 @@ class Phase:
     """A phase assembled on this rank: model, optimizer, schedule, sampler, method state."""
 
     def __init__(self, cfg: FinetuneConfig, start: StartPoint, dataset):
+        self.cfg, self.start = cfg, start
+        self.out = Path(cfg.output.dir)
+        self.rank0 = dist.get_rank() == 0
+        self.total = cfg.train.total_steps(len(dataset))
+        saved_step = checkpoint.saved_step(start.resume) if start.resume else 0
+        if saved_step > self.total:
+            raise ValueError(f"{start.resume} is at step {saved_step}, beyond this run's "
+                             f"{self.total} steps; raise train.max_steps or use a new output.dir")
+        self.complete = saved_step == self.total
+        if not self.complete:  # a finished phase is not rebuilt (re-running a recipe is cheap)
+            self._assemble(dataset)
+
+    def _assemble(self, dataset) -> None:
         from megatron.core import parallel_state as ps
 
         from megatron_ec.data import BatchSampler
 
-        self.cfg, self.start = cfg, start
-        self.out = Path(cfg.output.dir)
-        self.rank0 = dist.get_rank() == 0
-        resume = start.resume
+        cfg, start, resume = self.cfg, self.start, self.start.resume
         method = MethodState.load(resume) if resume else MethodState.from_dict(cfg.method.to_dict())
         self.ddp_model, self.tcfg = build_model(start, cfg, method)
         self.model = unwrap(self.ddp_model)
@@ -159,7 +169,6 @@ class Phase:
                                     ps.get_data_parallel_rank(), dp_size, seed=cfg.data.seed,
                                     shuffle=cfg.data.shuffle)
         self.batches = Batches(self.sampler, cfg.train.accumulation_steps(dp_size))
-        self.total = cfg.train.total_steps(len(dataset))
         t = cfg.train
         self.schedule = WarmupCosine.from_ratio(t.lr, self.total, t.warmup_ratio, t.min_lr_ratio)
         self.state = checkpoint.TrainState(step=0, sampler={}, layout=checkpoint.current_layout(),
@@ -169,9 +178,6 @@ class Phase:
 
     def _resume(self, resume: Path) -> None:
         saved = checkpoint.load_train_state(resume, self.model, self.optimizer)
-        if saved.step > self.total:
-            raise ValueError(f"{resume} is at step {saved.step}, beyond this run's {self.total} "
-                             "steps; raise train.max_steps or use a new output.dir")
         if saved.schedule != self.schedule.state_dict():
             logger.warning("resuming with a different schedule: saved %s, now %s",
                            saved.schedule, self.schedule.state_dict())
@@ -181,6 +187,10 @@ class Phase:
 
     def run(self) -> PhaseResult:
         """Train to `total` steps from wherever the state is; checkpoint; return the losses."""
+        if self.complete:
+            if self.rank0:
+                logger.info("%s: already complete (%d steps); nothing to do", self.out, self.total)
+            return PhaseResult(0, None, None, self.out)
         cfg = self.cfg
         start_step = self.state.step
         metrics = MetricsWriter(self.out, start_step, cfg.output.tensorboard, self.rank0)
