@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -84,9 +85,10 @@ def test_recipe_phases_chain_and_override(tmp_path):
         ],
         "pipeline": {"hf_model": "hf", "export_dir": "exported"},
     }))
-    recipe = Recipe.load(str(path), ["train.max_steps=3", "phases.p2.train.lr=2e-5"])
+    recipe = Recipe.load(str(path), ["train.max_steps=3", "phases.p2.train.lr=2e-5",
+                                     "model.checkpoint=imported", "phases.p1.output.dir=x1"])
     first, second = recipe.configs()
-    assert first.model.checkpoint == "ckpt" and second.model.checkpoint == "o1"
+    assert first.model.checkpoint == "imported" and second.model.checkpoint == "x1"
     assert first.method.gamma == 1e-3 and second.method.name == "condenser"
     assert first.train.max_steps == second.train.max_steps == 3
     assert first.train.lr == 1e-5 and second.train.lr == 2e-5
@@ -115,3 +117,17 @@ def test_progress_plain_lines_when_not_a_tty():
     lines = stream.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "4/4"]
     assert "ETA" in lines[0] and "\r" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).parents[1].glob("examples/recipes/*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    configs = Recipe.load(str(recipe)).configs()
+    assert [c.method.name for c in configs] == ["bias", "condenser"]
+    assert configs[1].model.checkpoint == configs[0].output.dir
+    if recipe.name != "demo.yaml":  # the paper's App. C settings
+        for cfg in configs:
+            t = cfg.train
+            assert (t.lr, t.min_lr_ratio, t.warmup_ratio, t.global_batch_size, t.seed,
+                    t.precision, cfg.data.seq_length) == (1e-5, 0.1, 0.1, 32, 1234, "bf16", 4096)
+            assert t.accumulation_steps(8 // cfg.parallel.tensor_model_parallel_size) >= 1
