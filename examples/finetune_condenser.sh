@@ -42,7 +42,8 @@ began=$SECONDS
 
 # 0. The demo's own inputs: generated arithmetic problems and a tiny random Qwen2-MoE.
 if [ -n "$DEMO" ] && on_node0; then
-  [ -f "$TRAIN_DATA" ] || "$PYTHON" tools/make_demo_data.py --out "$DEMO_DATA_DIR" >/dev/null
+  [ -f "$TRAIN_DATA" ] ||
+    "$PYTHON" tools/make_demo_data.py --out "$DEMO_DATA_DIR" --num-train "$DEMO_NUM_TRAIN" >/dev/null
   if [ ! -f "$HF_MODEL/config.json" ]; then
     say "making the tiny model $HF_MODEL"
     "$PYTHON" tools/make_tiny_model.py --out "$HF_MODEL" --corpus "$TRAIN_DATA" >/dev/null 2>&1

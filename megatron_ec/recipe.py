@@ -69,6 +69,8 @@ class PipelineConfig:
     demo: bool = False
     """Create the tiny demo model (`tools/make_tiny_model.py`) at `hf_model` and the demo data
     (`tools/make_demo_data.py`) next to `data.train` when they are missing."""
+    demo_num_train: int = 2000
+    """Training problems the demo data generator writes (`--num-train`)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -185,6 +187,7 @@ def print_paths(recipe: Recipe) -> str:
         "EXPORT_DIR": recipe.pipeline.export_dir or "",
         "DEMO": "1" if recipe.pipeline.demo else "",
         "DEMO_DATA_DIR": str(Path(train).parent) if recipe.pipeline.demo else "",
+        "DEMO_NUM_TRAIN": str(recipe.pipeline.demo_num_train),
         "TRAIN_DATA": train,
         "EVAL_HELDOUT": recipe.pipeline.eval.heldout or "",
         "EVAL_MAX_SAMPLES": str(recipe.pipeline.eval.max_samples),
@@ -206,12 +209,14 @@ def check_all(recipe: Recipe, num_ranks: int | None = None) -> list[str]:
     configs = recipe.configs()
     for phase, cfg in zip(recipe.phases, configs):
         source = Path(cfg.model.checkpoint)
+        note = ""
         if not (source / ckpt_dir.LATEST).is_file() and not (source / ckpt_dir.MODEL_META).is_file():
             if cfg is configs[0]:
                 raise ValueError(f"model.checkpoint={source}: no checkpoint there yet; import one "
                                  "with python -m checkpoint_convert import")
+            note = f" (checked against {configs[0].model.checkpoint}; trains from {source})"
             cfg = dataclasses.replace(cfg, model=configs[0].model)
-        lines.append(f"phase {phase.name}: {check_phase(cfg, num_ranks)}")
+        lines.append(f"phase {phase.name}: {check_phase(cfg, num_ranks)}{note}")
     return lines
 
 

@@ -101,6 +101,19 @@ def format_table(phases: list[dict], results: list[tuple[str, dict]], num_sample
     return "\n".join(lines + ["-" * 64])
 
 
+def _quiet() -> None:
+    """No library warnings or progress bars between the table and the training log."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron_ec.eval.demo_eval",
                                      description=__doc__.split("\n\n")[0])
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="*", default=[], help="metrics.jsonl of each phase")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _quiet()
     try:
         records = load_records(args.heldout, args.max_samples)
         phases = [phase_summary(path) for path in args.metrics]

@@ -132,8 +132,9 @@ class OutputConfig:
     """Keep only this many newest checkpoints; 0 = keep all."""
     tensorboard: bool = True
     """Write TensorBoard event files under `dir/tensorboard` (rank 0)."""
-    log_interval: int = 1
-    """Progress line every this many steps when stderr is not a terminal."""
+    log_interval: int = 10
+    """Progress line every this many steps when stderr is not a terminal (a terminal gets a bar
+    redrawn every step)."""
 
     def __post_init__(self) -> None:
         if not self.dir:
