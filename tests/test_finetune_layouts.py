@@ -1,36 +1,34 @@
-"""The same phase at TP2/EP2 on 4 ranks logs the TP1/EP1 loss, grad norm and bias statistics."""
+"""The demo recipe at TP2/EP2 on 4 ranks logs the TP1/EP1 loss, grad norm and bias statistics."""
 
 from __future__ import annotations
 
 import pytest
 
 from megatron_ec.training.metrics import read_metrics
-from tests.test_finetune_support import make_data, make_start_checkpoint, run_cli, write_config
+from tests.test_finetune_support import DEMO_RECIPE, demo_overrides, demo_start, run_cli  # noqa: F401
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    return make_start_checkpoint(root / "start"), make_data(root / "data"), root
+def demo(demo_start, tmp_path_factory):  # noqa: F811
+    return (*demo_start, tmp_path_factory.mktemp("layouts"))
 
 
-def _run(root, checkpoint, data, name: str, nproc: int, **overrides):
-    cfg = write_config(root / f"{name}.yaml", checkpoint, data, root / name,
-                       train={"max_steps": STEPS})
-    args = ["--config", str(cfg)] + [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+def _phase1(demo, name: str, nproc: int, tp: int, ep: int) -> list[dict]:
+    checkpoint, train, root = demo
+    out = root / name
+    args = ["--config", str(DEMO_RECIPE), "--phase", "bias", *demo_overrides(
+        checkpoint, train, out, train__max_steps=STEPS,
+        parallel__tensor_model_parallel_size=tp, parallel__expert_model_parallel_size=ep)]
     result = run_cli("megatron_ec.finetune", args, nproc=nproc, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return read_metrics(root / name / "metrics.jsonl")
+    return read_metrics(out / "phase1" / "metrics.jsonl")
 
 
-def test_tp2_ep2_matches_tp1_ep1(start):
-    checkpoint, data, root = start
-    reference = _run(root, checkpoint, data, "tp1ep1", nproc=1)
-    sharded = _run(root, checkpoint, data, "tp2ep2", nproc=4,
-                   parallel__tensor_model_parallel_size=2,
-                   parallel__expert_model_parallel_size=2)
+def test_demo_recipe_tp2_ep2_matches_tp1_ep1(demo):
+    reference = _phase1(demo, "tp1ep1", nproc=1, tp=1, ep=1)
+    sharded = _phase1(demo, "tp2ep2", nproc=4, tp=2, ep=2)
     assert len(reference) == len(sharded) == STEPS
     for ref, got in zip(reference, sharded):
         assert ref["tokens"] == got["tokens"], "both layouts must see the same global batches"

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.data_testing import alpaca_records, char_tokenizer, write_jsonl
@@ -131,3 +132,38 @@ def run_cli(module: str, args: list[str], nproc: int = 1, timeout: float = 300,
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+DEMO_RECIPE = REPO / "examples" / "recipes" / "demo.yaml"
+
+
+def make_demo_start(root: Path, num_train: int = 240) -> tuple[Path, Path]:
+    """The demo's inputs, small: generated problems, the tiny Qwen2-MoE, and its import.
+
+    Returns:
+        (imported checkpoint, train.jsonl)
+    """
+    from tools.make_demo_data import write_demo_data
+    from tools.make_tiny_model import make_tiny_qwen2_moe
+
+    train, _ = write_demo_data(str(root / "data"), num_train=num_train, num_heldout=20)
+    make_tiny_qwen2_moe(str(root / "hf_base"), [train])
+    imported = run_cli("checkpoint_convert", ["import", "--hf", str(root / "hf_base"),
+                                              "--out", str(root / "ckpt")])
+    assert imported.returncode == 0, imported.stderr
+    return root / "ckpt", Path(train)
+
+
+def demo_overrides(checkpoint: Path, train: Path, root: Path, **extra) -> list[str]:
+    """Overrides that point the demo recipe at `root` (and any `key=value` in `extra`)."""
+    args = [f"model.checkpoint={checkpoint}", f"data.train={train}",
+            f"data.cache_dir={root / 'data_cache'}",
+            f"phases.bias.output.dir={root / 'phase1'}",
+            f"phases.condenser.output.dir={root / 'phase2'}", "output.tensorboard=false"]
+    return args + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+
+
+@pytest.fixture(scope="session")
+def demo_start(tmp_path_factory):
+    """(imported tiny Qwen2-MoE checkpoint, demo train.jsonl), made once per test session."""
+    return make_demo_start(tmp_path_factory.mktemp("demo_start"))
