@@ -124,6 +124,8 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]]) -> dict[
     _set_aux_loss_scale(len(micro_batches))
     loss_sum = 0.0
     for batch in micro_batches:
+        if torch.cuda.is_available():  # the data pipeline yields CPU tensors
+            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         losses = ddp(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                      labels=batch["labels"], padding_mask=batch["padding_mask"])
         micro_sum = (losses.float() * batch["loss_mask"]).sum()
@@ -162,7 +164,9 @@ class Phase:
         checkpoint.load_weights(self.model, resume or start.source)
         self.method = method_hooks.begin_phase(self.model, method, start.source_method,
                                                resumed=resume is not None)
-        self.ddp = wrap_ddp(self.ddp_model, self.tcfg)
+        # GPU: Megatron's distributed optimizer needs DDP's buffers laid out for it.
+        self.ddp = wrap_ddp(self.ddp_model, self.tcfg,
+                            use_distributed_optimizer=torch.cuda.is_available())
         self.optimizer = build_optimizer(self.ddp, cfg.train)
         dp_size = ps.get_data_parallel_world_size()
         self.sampler = BatchSampler(dataset, cfg.train.micro_batch_size,
