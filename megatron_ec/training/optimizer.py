@@ -81,6 +81,19 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter],
     return math.sqrt(float(dense.item() + expert.item()))
 
 
+@torch.no_grad()
+def clip_grads(params: Iterable[torch.nn.Parameter], max_norm: float, norm: float) -> None:
+    """Scale every `.grad` by max_norm / (norm + 1e-6) when that is below 1 (Megatron's rule);
+    `max_norm` 0 disables clipping."""
+    if max_norm <= 0 or not math.isfinite(norm):
+        return
+    coeff = max_norm / (norm + 1e-6)
+    if coeff < 1.0:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(coeff)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Megatron's convention: no decay for biases and 1-D parameters (norms)."""
     decay, no_decay = [], []
@@ -113,11 +126,7 @@ class TorchAdamW:
         for param in self.params:
             param.grad = param.main_grad.to(param.dtype)
         norm = global_grad_norm(self.params, grad_of=lambda p: p.grad)
-        if self.clip_grad > 0 and math.isfinite(norm):
-            coeff = self.clip_grad / (norm + 1e-6)
-            if coeff < 1.0:
-                for param in self.params:
-                    param.grad.mul_(coeff)
+        clip_grads(self.params, self.clip_grad, norm)
         self.inner.step()
         for param in self.params:
             param.grad = None
