@@ -67,3 +67,15 @@ def test_sigkill_and_killed_save_resume_identically(start):
     again = run_cli("megatron_ec.finetune", ["--config", str(cfg)])
     assert again.returncode == 0 and "0 steps this run" in again.stderr
     assert len(read_metrics(out / "metrics.jsonl")) == 6
+
+
+def test_full_recompute_changes_no_number(start):
+    checkpoint, data, root = start
+    reference = root / "uninterrupted" / "metrics.jsonl"
+    if not reference.is_file():
+        cfg = _config(root, checkpoint, data, "uninterrupted")
+        assert run_cli("megatron_ec.finetune", ["--config", str(cfg)]).returncode == 0
+    cfg = _config(root, checkpoint, data, "recompute")
+    result = run_cli("megatron_ec.finetune", ["--config", str(cfg), "train.recompute=full"])
+    assert result.returncode == 0, result.stderr
+    _assert_same(read_metrics(reference), read_metrics(root / "recompute" / "metrics.jsonl"))
