@@ -5,8 +5,8 @@ One invocation runs one phase (sft, bias or condenser, from `method.name`); a re
 `phases:` list needs `--phase NAME` here, or `python -m megatron_ec.recipe` to run them all.
 
 `--check` validates the config, the starting checkpoint and the data on one process and exits
-without writing anything: the launcher runs it before torchrun so that user errors surface as one
-line. A user error (config, data, checkpoint) prints one line to stderr, exits with status 2, and
+without writing anything (but `data.cache_dir`, when set, which the run then reuses): the launcher
+runs it before torchrun so that user errors surface as one line. A user error (config, data, checkpoint) prints one line to stderr, exits with status 2, and
 writes nothing.
 """
 

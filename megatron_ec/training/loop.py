@@ -87,17 +87,6 @@ def build_model(start: StartPoint, cfg: FinetuneConfig, method: MethodState):
     return model, tcfg
 
 
-class Batches:
-    """The step's micro-batches from the data sampler, plus the token counts the loss needs."""
-
-    def __init__(self, sampler, accumulation: int):
-        self.sampler = sampler
-        self.accumulation = accumulation
-
-    def next_step(self) -> list[dict[str, torch.Tensor]]:
-        return [self.sampler.next_micro_batch() for _ in range(self.accumulation)]
-
-
 def _dp_sum(values: list[float]) -> list[float]:
     from megatron.core import parallel_state as ps
 
@@ -172,7 +161,7 @@ class Phase:
         self.sampler = BatchSampler(dataset, cfg.train.micro_batch_size,
                                     ps.get_data_parallel_rank(), dp_size, seed=cfg.data.seed,
                                     shuffle=cfg.data.shuffle)
-        self.batches = Batches(self.sampler, cfg.train.accumulation_steps(dp_size))
+        self.accumulation = cfg.train.accumulation_steps(dp_size)
         t = cfg.train
         self.schedule = WarmupCosine.from_ratio(t.lr, self.total, t.warmup_ratio, t.min_lr_ratio)
         self.state = checkpoint.TrainState(step=0, sampler={}, layout=checkpoint.current_layout(),
@@ -230,7 +219,8 @@ class Phase:
         lr = self.schedule(step)
         self.optimizer.set_lr(lr)
         self.ddp.zero_grad_buffer()
-        result = forward_backward(self.ddp, self.batches.next_step())
+        micro_batches = [self.sampler.next_micro_batch() for _ in range(self.accumulation)]
+        result = forward_backward(self.ddp, micro_batches)
         finalize_grads(self.ddp)
         grad_norm = self.optimizer.step()
         method_hooks.after_optimizer_step(self.model)
