@@ -1,0 +1,6 @@
+"""HF <-> megatron_ec (torch_dist) checkpoints: `python -m checkpoint_convert {import,export,verify}`.
+
+See README.md in this directory. The library entry points are `importer.import_hf`,
+`exporter.export_hf` and `verify.verify`; the HF-side routing restore is
+`megatron_ec.eval.hf_routing.restore_condenser_routing`.
+"""

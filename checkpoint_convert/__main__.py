@@ -27,9 +27,9 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _say(message: str, stream=sys.stdout) -> None:
+def _say(message: str, to_stderr: bool = False) -> None:
     if _is_rank0():
-        print(message, file=stream, flush=True)
+        print(message, file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
 def _quiet() -> None:
@@ -50,8 +50,9 @@ def _run_import(args) -> int:
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
                               expert_model_parallel_size=args.ep)
-    iteration = import_hf(args.hf, args.out, parallel, overwrite=args.overwrite)
-    _say(f"checkpoint_convert: imported {args.hf} -> {iteration} (TP{args.tp}/EP{args.ep})")
+    report = import_hf(args.hf, args.out, parallel, overwrite=args.overwrite)
+    _say(f"checkpoint_convert: imported {args.hf} -> {report.iteration} (TP{args.tp}/EP{args.ep}; "
+         f"rank 0 read {report.bytes_read / 1e6:.1f} of {report.bytes_total / 1e6:.1f} MB)")
     return 0
 
 
@@ -117,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConversionError, ValueError) as err:
-        _say(f"checkpoint_convert: error: {err}", sys.stderr)
+        _say(f"checkpoint_convert: error: {err}", to_stderr=True)
         return EXIT_USER_ERROR
     finally:
-        from megatron_ec.parallel import shutdown_parallel
+        if "megatron.core" in sys.modules:  # never import Megatron-Core just to tear it down
+            from megatron_ec.parallel import shutdown_parallel
 
-        shutdown_parallel()
+            shutdown_parallel()
 
 
 if __name__ == "__main__":

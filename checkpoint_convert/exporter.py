@@ -2,7 +2,7 @@
 
 One process: the checkpoint (any layout) is loaded at TP1/EP1 in the dtype it was stored in, then
 every rule's HF tensors are produced one entry at a time and streamed into safetensors shards
-(peak memory: the model plus one shard). Tensors get the hub's per-expert names, vocab padding is
+whose headers are planned from the rule table (peak memory: the model plus about one tensor). Tensors get the hub's per-expert names, vocab padding is
 trimmed, and the dtype is the original HF dtype unless `--dtype` says otherwise. The routing state
 goes to `megatron_ec_routing.json` (see `megatron_ec.eval.hf_routing`).
 """
@@ -18,10 +18,11 @@ import torch
 
 from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.importer import DTYPE_NAMES, family_for
-from checkpoint_convert.mapping import expand, megatron_name
+from checkpoint_convert.mapping import Entry, expand, megatron_name
+from checkpoint_convert.model import load_megatron, open_checkpoint
 from checkpoint_convert.outputs import check_output, copy_tokenizer, staged_directory
-from checkpoint_convert.shards import ShardWriter
-from checkpoint_convert.verify import load_megatron, open_checkpoint
+from checkpoint_convert.load import expected_hf_shapes
+from checkpoint_convert.shards import Planned, plan_shards, write_shards
 from megatron_ec.eval.hf_routing import write_routing_file
 from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS
 from megatron_ec.models.config import MoEModelConfig
@@ -33,22 +34,29 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 def stored_precision(weights_dir: Path) -> str:
-    """"bf16" if the checkpoint stores its weights in bf16 (routing buffers are always fp32)."""
+    """The parameter dtype the checkpoint was written with, read off its embedding table (norms
+    and routing buffers are fp32 even in bf16 models)."""
     from megatron.core import dist_checkpointing
 
     metadata = dist_checkpointing.load_tensors_metadata(str(weights_dir))
-    dtypes = {t.dtype for key, t in metadata.items()
-              if hasattr(t, "dtype") and not key.endswith("selection_bias")}
-    return "bf16" if dtypes == {torch.bfloat16} else "fp32"
+    embedding = metadata.get("embedding.word_embeddings.weight")
+    return "bf16" if getattr(embedding, "dtype", None) == torch.bfloat16 else "fp32"
 
 
-def hf_tensors(family: Family, cfg: MoEModelConfig, params: dict[str, torch.Tensor],
-               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every rule entry, from TP1/EP1 Megatron tensors; strict both ways."""
-    entries = expand(family, cfg)
+def hf_plan(entries: list[Entry], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
+            dtype: torch.dtype) -> list[Planned]:
+    """Name, shape and dtype of every HF tensor, in the order `hf_tensors` produces them."""
     unmapped = sorted(set(params) - {entry.megatron for entry in entries})
     if unmapped:
-        raise RuntimeError(f"family {family.model_type} has no rule for {unmapped[:3]}")
+        raise RuntimeError(f"the family has no rule for Megatron parameters {unmapped[:3]}")
+    return [Planned(name, shape, dtype) for entry in entries
+            for name, shape in zip(entry.hf, expected_hf_shapes(
+                entry, tuple(params[entry.megatron].shape), cfg))]
+
+
+def hf_tensors(entries: list[Entry], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
+               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every rule entry, from TP1/EP1 Megatron tensors, one at a time."""
     for entry in entries:
         outputs = entry.rule.to_hf(params[entry.megatron], cfg)
         for name, tensor in zip(entry.hf, outputs, strict=True):
@@ -83,7 +91,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
     from megatron_ec.parallel import init_parallel
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConversionError("export", "runs in one process", "launch it with python, not torchrun")
+        raise ConversionError("export", "runs in one process",
+                              "launch it with python, not torchrun")
     out = Path(out)
     check_output(out, overwrite)
     iteration, meta, cfg, method = open_checkpoint(ckpt)
@@ -92,11 +101,10 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
     init_parallel(ParallelConfig(), seed=0)
     model, _, _ = load_megatron(iteration, precision=stored_precision(iteration / WEIGHTS))
     params = {megatron_name(name): p for name, p in model.named_parameters()}
+    entries = expand(family, cfg)
+    shards = plan_shards(hf_plan(entries, cfg, params, out_dtype), max_shard_bytes)
     with staged_directory(out) as staging:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for name, tensor in hf_tensors(family, cfg, params, out_dtype):
-            writer.add(name, tensor)
-        writer.close()
+        write_shards(staging, shards, hf_tensors(entries, cfg, params, out_dtype))
         _write_json(staging / "config.json", exported_config(family, cfg, meta, out_dtype))
         if meta.get("generation_config") is not None:
             _write_json(staging / "generation_config.json", meta["generation_config"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,21 +26,45 @@ _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-class _SafetensorsTensor:
-    """One tensor of an open safetensors file; indexing reads only the selected rows."""
+class _OpenFiles:
+    """At most `limit` safetensors files open (memory-mapped) at once.
 
-    def __init__(self, handle, key: str) -> None:
-        self._slice = handle.get_slice(key)
-        self.shape = tuple(self._slice.get_shape())
-        self.dtype = _ST_DTYPES.get(self._slice.get_dtype())
+    Pages a rank touches stay in its resident set while the file is mapped; reads follow the
+    layer order of the shards, so closing the least recently used file bounds that to about
+    `limit` shards instead of the whole checkpoint.
+    """
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._handles: OrderedDict[Path, object] = OrderedDict()
+
+    def get(self, path: Path):
+        from safetensors import safe_open
+
+        if path in self._handles:
+            self._handles.move_to_end(path)
+        else:
+            self._handles[path] = safe_open(str(path), framework="pt")
+            if len(self._handles) > self.limit:
+                self._handles.popitem(last=False)
+        return self._handles[path]
+
+
+class _SafetensorsTensor:
+    """One tensor of a safetensors file; indexing reads only the selected rows."""
+
+    def __init__(self, files: _OpenFiles, path: Path, key: str, header_slice) -> None:
+        self._files, self._path, self._key = files, path, key
+        self.shape = tuple(header_slice.get_shape())
+        self.dtype = _ST_DTYPES.get(header_slice.get_dtype())
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self._slice[index]
+        return self._files.get(self._path).get_slice(self._key)[index]
 
 
 @dataclass
 class _Source:
-    """Where a canonical tensor lives: a file, its on-disk key, and for fused experts which block."""
+    """Where a canonical tensor lives: file, on-disk key, and (fused experts) which block."""
 
     path: Path
     key: str
@@ -61,24 +86,25 @@ class _Source:
         return (shape[1] // self.num_parts, *shape[2:])
 
     def read(self, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along `dim`; rows past the end come back as zeros (vocab padding)."""
+        """Rows [start, stop) along `dim`, cut at the end of the tensor."""
         shape = self.shape
-        end = min(stop, shape[dim])
-        begin = min(start, end)
         index = [slice(None)] * len(shape)
-        index[dim] = slice(begin, end)
+        index[dim] = slice(min(start, shape[dim]), min(stop, shape[dim]))
         if self.expert is None:
-            piece = self.tensor[tuple(index)]
-        else:
-            offset = self.part * shape[0]
-            rows = index[0]
-            index[0] = slice(offset + (rows.start or 0), offset + (rows.stop or shape[0]))
-            piece = self.tensor[(slice(self.expert, self.expert + 1), *index)][0]
-        if end - begin == stop - start:
-            return piece
-        pad_shape = list(piece.shape)
-        pad_shape[dim] = stop - start - (end - begin)
-        return torch.cat([piece, piece.new_zeros(pad_shape)], dim=dim)
+            return self.tensor[tuple(index)]
+        offset = self.part * shape[0]
+        rows = index[0]
+        index[0] = slice(offset + (rows.start or 0), offset + (rows.stop or shape[0]))
+        return self.tensor[(slice(self.expert, self.expert + 1), *index)][0]
+
+
+def _zero_pad(piece: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Append zero rows along `dim` up to `length` (Megatron's vocab padding)."""
+    if piece.shape[dim] == length:
+        return piece
+    pad_shape = list(piece.shape)
+    pad_shape[dim] = length - piece.shape[dim]
+    return torch.cat([piece, piece.new_zeros(pad_shape)], dim=dim)
 
 
 class HFCheckpoint:
@@ -89,8 +115,11 @@ class HFCheckpoint:
         self._aliases = [(pattern_regex(alt), canon) for alt, canon in family.hf_aliases.items()]
         self._fused = [(pattern_regex(f.fused), f) for f in family.fused_experts]
         self._sources: dict[str, _Source] = {}
+        self.bytes_read = 0
+        """Bytes this process has read so far (a rank reads only its slices)."""
+        files = _OpenFiles()
         for path in weight_files(self.hf_dir):
-            for key, tensor in _open(path).items():
+            for key, tensor in _open(path, files).items():
                 for name, source in self._canonical(_Source(path, key, tensor)):
                     self._add(name, source)
 
@@ -111,7 +140,15 @@ class HFCheckpoint:
              ) -> torch.Tensor:
         """Rows [start, stop) of `name` along `dim` (whole tensor by default), zero past the end."""
         source = self._sources[name]
-        return source.read(dim, start, source.shape[dim] if stop is None else stop)
+        stop = source.shape[dim] if stop is None else stop
+        piece = source.read(dim, start, stop)
+        self.bytes_read += piece.numel() * piece.element_size()
+        return _zero_pad(piece, dim, stop - start)
+
+    def total_bytes(self) -> int:
+        """Size of every tensor of the checkpoint, in its on-disk dtype."""
+        return sum(torch.Size(s.shape).numel() * (s.tensor.dtype.itemsize if s.tensor.dtype else 0)
+                   for s in self._sources.values())
 
     def _canonical(self, source: _Source) -> list[tuple[str, _Source]]:
         for regex, canonical in self._aliases:
@@ -173,18 +210,20 @@ def _indexed_files(index: Path) -> list[Path]:
     return files
 
 
-def _open(path: Path) -> dict[str, object]:
+def _open(path: Path, files: _OpenFiles) -> dict[str, object]:
     if path.suffix == ".safetensors":
-        return _open_safetensors(path)
+        return _open_safetensors(path, files)
     return _open_pickle(path)
 
 
-def _open_safetensors(path: Path) -> dict[str, object]:
+def _open_safetensors(path: Path, files: _OpenFiles) -> dict[str, object]:
+    """The tensors of a file, from its header (validated now; the data is read on demand)."""
     from safetensors import safe_open
 
     try:
         handle = safe_open(str(path), framework="pt")
-        return {key: _SafetensorsTensor(handle, key) for key in handle.keys()}
+        return {key: _SafetensorsTensor(files, path, key, handle.get_slice(key))
+                for key in handle.keys()}
     except Exception as err:  # noqa: BLE001 - SafetensorError is not importable by name
         raise ConversionError(str(path), f"corrupt safetensors file ({err})",
                               "re-download or re-save it") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,19 @@ from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, get_family
 from megatron_ec.moe.method_state import MethodState
 from megatron_ec.parallel import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What `import_hf` did on this rank."""
+
+    iteration: Path
+    """The published iteration directory."""
+    bytes_read: int
+    """HF tensor bytes this rank read (its slices only)."""
+    bytes_total: int
+    """HF tensor bytes of the whole checkpoint."""
+
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -158,8 +172,8 @@ def _write(model, root: Path, meta: dict, method: MethodState, hf_dir: Path,
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = ParallelConfig(),
-              overwrite: bool = False) -> Path:
-    """Convert an HF directory into a megatron_ec checkpoint at `out`; returns the iteration dir.
+              overwrite: bool = False) -> ImportReport:
+    """Convert an HF directory into a megatron_ec checkpoint at `out`.
 
     Runs in one process or on every rank of a torchrun launch (each rank reads only its slices).
     """
@@ -186,4 +200,5 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
     _agree(error)
     set_routing_state(model, method, biases)
     meta = _meta(family, cfg, hf_config, hf_dir, dtype)
-    return _write(model, out, meta, method, hf_dir, overwrite)
+    iteration = _write(model, out, meta, method, hf_dir, overwrite)
+    return ImportReport(iteration, ckpt.bytes_read, ckpt.total_bytes())

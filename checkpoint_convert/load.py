@@ -119,7 +119,9 @@ def _read_piece(ckpt: HFCheckpoint, name: str, entry: Entry, p: RankParam,
 
 
 def _read_whole(ckpt: HFCheckpoint, name: str, entry: Entry, cfg: MoEModelConfig):
-    return ckpt.read(name, 0, 0, cfg.padded_vocab_size) if entry.rule.pads_vocab else ckpt.read(name)
+    if entry.rule.pads_vocab:
+        return ckpt.read(name, 0, 0, cfg.padded_vocab_size)
+    return ckpt.read(name)
 
 
 def read_param(ckpt: HFCheckpoint, entry: Entry, name: str, p: RankParam,

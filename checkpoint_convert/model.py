@@ -6,20 +6,26 @@ Always built with the project's `ECRouter`, as the trainer builds it, so every M
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
+from pathlib import Path
+
 import torch
 
+from checkpoint_convert.errors import ConversionError
+from megatron_ec.models.ckpt_dir import WEIGHTS, read_model_meta, resolve
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Family
+from megatron_ec.models.family import Family, get_family
 from megatron_ec.moe.method_state import MethodState
 from megatron_ec.parallel import ParallelConfig
 
-PRECISIONS = {torch.bfloat16: "bf16"}
-"""Megatron parameter dtype for an HF dtype: bf16 stays bf16, everything else is held in fp32
-(fp16 -> fp32 is exact, and export casts back)."""
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def precision_for(dtype: torch.dtype) -> str:
-    return PRECISIONS.get(dtype, "fp32")
+    """Megatron parameter dtype for HF weights: bf16 stays bf16, anything else is held in fp32
+    (fp16 -> fp32 is exact, and export casts back)."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def build_model(family: Family, cfg: MoEModelConfig, method: MethodState,
@@ -57,3 +63,54 @@ def set_routing_state(model: torch.nn.Module, method: MethodState,
     if biases is not None:
         load_selection_biases(model, biases)
     apply_method_state(model, method)
+
+
+def open_checkpoint(ckpt: str | Path) -> tuple[Path, dict, MoEModelConfig, MethodState]:
+    """(iteration dir, model.json, model config, method state) of a megatron_ec checkpoint."""
+    try:
+        iteration = resolve(ckpt)
+        meta = read_model_meta(iteration)
+        cfg = MoEModelConfig.from_dict(meta["model_config"])
+        return iteration, meta, cfg, MethodState.load(iteration)
+    except ValueError as err:
+        raise ConversionError.wrap(str(ckpt), err) from None
+    except (KeyError, TypeError) as err:
+        raise ConversionError(str(ckpt), f"model.json lacks {err}", "re-import the checkpoint"
+                              ) from None
+
+
+def load_by_layer(model: torch.nn.Module, weights_dir: Path) -> None:
+    """Load torch_dist weights one decoder layer at a time.
+
+    Megatron-Core materialises merged copies of expert and gated-MLP tensors while loading, so a
+    whole-model load briefly needs about twice the model; per layer, only one layer's copies.
+    """
+    from megatron.core import dist_checkpointing
+
+    groups: dict[str, dict] = defaultdict(dict)
+    for key, value in model.sharded_state_dict().items():
+        match = _LAYER.match(key)
+        groups[match.group(1) if match else "other"][key] = value
+    loaded: set[str] = set()
+    while groups:
+        # Popped: dist_checkpointing.load fills the group's sharded objects with loaded copies.
+        group = groups.pop(next(iter(groups)))
+        state = dist_checkpointing.load(group, str(weights_dir))
+        model.load_state_dict(state, strict=False)
+        loaded |= state.keys()
+        del state, group
+    missing = [k for k in model.state_dict() if k not in loaded and not k.endswith("_extra_state")]
+    if missing:
+        raise ConversionError(str(weights_dir), f"no tensor for {missing[0]}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}",
+                              "was the checkpoint written for another model config?")
+
+
+def load_megatron(ckpt: str | Path, parallel: ParallelConfig = ParallelConfig(),
+                  precision: str = "fp32") -> tuple[torch.nn.Module, dict, MoEModelConfig]:
+    """This rank's model of a checkpoint at `parallel` (init_parallel must have run with it)."""
+    iteration, meta, cfg, method = open_checkpoint(ckpt)
+    model = build_model(get_family(meta["family"]), cfg, method, parallel, precision)
+    load_by_layer(model, iteration / WEIGHTS)
+    set_routing_state(model, method)
+    return model, meta, cfg

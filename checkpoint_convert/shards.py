@@ -1,20 +1,27 @@
-"""Streaming safetensors writer: tensors go to disk shard by shard, in HF's sharded layout.
+"""Streaming safetensors writer: each tensor goes to disk as soon as it is produced.
 
-At most one shard is held in memory. Shards are written under temporary names and renamed to
-`model-0000i-of-0000n.safetensors` (+ `model.safetensors.index.json`) at the end, or to
-`model.safetensors` if everything fit in one.
+The names, shapes and dtypes are planned first (the exporter derives them from the rule table), so
+every shard's header can be written before its data and no shard is ever held in memory. The
+files follow HF's sharded layout: `model.safetensors`, or `model-0000i-of-0000n.safetensors` plus
+`model.safetensors.index.json`. The format: an 8-byte little-endian header length, a JSON header
+(`{name: {dtype, shape, data_offsets}}`, padded with spaces to 8 bytes), then the raw data.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+             torch.float64: "F64"}
 INDEX = "model.safetensors.index.json"
 
 
@@ -26,47 +33,78 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
-class ShardWriter:
-    """Collect named tensors and write them to `out_dir` in shards of at most `max_shard_bytes`
-    (a single tensor larger than that gets a shard of its own)."""
+@dataclass(frozen=True)
+class Planned:
+    """One tensor to be written."""
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
-        self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._files: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
 
-        path = self.out_dir / f".shard{len(self._files):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._files.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+def plan_shards(items: Iterable[Planned], max_shard_bytes: int) -> list[list[Planned]]:
+    """Cut the tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets
+    a shard of its own)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
 
-    def close(self) -> list[str]:
-        """Write the last shard, name the files, write the index if sharded; returns file names."""
-        if self._pending or not self._files:
-            self._flush()
-        count = len(self._files)
-        names = (["model.safetensors"] if count == 1 else
-                 [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        weight_map = {}
-        for (path, keys), name in zip(self._files, names):
-            path.rename(self.out_dir / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return names
+
+def _header(shard: list[Planned]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for item in shard:
+        header[item.name] = {"dtype": _ST_NAMES[item.dtype], "shape": list(item.shape),
+                             "data_offsets": [offset, offset + item.nbytes]}
+        offset += item.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_shards(out_dir: Path, shards: list[list[Planned]],
+                 tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Write `tensors` (in plan order) into the planned shards; returns the file names.
+
+    Raises:
+        RuntimeError: a tensor does not match its planned name, shape or dtype, or the stream
+            ends early or runs long (the plan and the producer disagree: a bug).
+    """
+    names = shard_names(len(shards))
+    stream = iter(tensors)
+    for shard, file_name in zip(shards, names):
+        with open(out_dir / file_name, "wb") as handle:
+            handle.write(_header(shard))
+            for item in shard:
+                name, tensor = next(stream, (None, None))
+                if tensor is None or Planned(name, tuple(tensor.shape), tensor.dtype) != item:
+                    raise RuntimeError(f"shard writer: got {name}, planned {item}")
+                handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+    if next(stream, None) is not None:
+        raise RuntimeError("shard writer: more tensors than planned")
+    if len(shards) > 1:
+        _write_index(out_dir, shards, names)
+    return names
+
+
+def _write_index(out_dir: Path, shards: list[list[Planned]], names: list[str]) -> None:
+    weight_map = {item.name: name for shard, name in zip(shards, names) for item in shard}
+    total = sum(item.nbytes for shard in shards for item in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -11,38 +11,8 @@ from pathlib import Path
 import torch
 
 from checkpoint_convert.errors import ConversionError
-from checkpoint_convert.model import build_model, set_routing_state
-from megatron_ec.models.ckpt_dir import WEIGHTS, read_model_meta, resolve
-from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import get_family
-from megatron_ec.moe.method_state import MethodState
+from checkpoint_convert.model import load_megatron
 from megatron_ec.parallel import ParallelConfig
-
-
-def open_checkpoint(ckpt: str | Path) -> tuple[Path, dict, MoEModelConfig, MethodState]:
-    """(iteration dir, model.json, model config, method state) of a megatron_ec checkpoint."""
-    try:
-        iteration = resolve(ckpt)
-        meta = read_model_meta(iteration)
-        return iteration, meta, MoEModelConfig.from_dict(meta["model_config"]), \
-            MethodState.load(iteration)
-    except ValueError as err:
-        raise ConversionError.wrap(str(ckpt), err) from None
-    except (KeyError, TypeError) as err:
-        raise ConversionError(str(ckpt), f"model.json lacks {err}", "re-import the checkpoint"
-                              ) from None
-
-
-def load_megatron(ckpt: str | Path, parallel: ParallelConfig = ParallelConfig(),
-                  precision: str = "fp32") -> tuple[torch.nn.Module, dict, MoEModelConfig]:
-    """This rank's model of a checkpoint at `parallel` (init_parallel must have run with it)."""
-    from megatron_ec.models.dist_ckpt import load_model_weights
-
-    iteration, meta, cfg, method = open_checkpoint(ckpt)
-    model = build_model(get_family(meta["family"]), cfg, method, parallel, precision)
-    load_model_weights(model, iteration / WEIGHTS)
-    set_routing_state(model, method)
-    return model, meta, cfg
 
 
 def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:

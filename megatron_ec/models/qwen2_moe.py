@@ -27,8 +27,8 @@ M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
 ATTN, MLP = H + "self_attn.", H + "mlp."
 
 QWEN_FUSED_EXPERTS = (
-    FusedExperts(MLP + "experts.gate_up_proj",
-                 (MLP + "experts.{expert}.gate_proj.weight", MLP + "experts.{expert}.up_proj.weight")),
+    FusedExperts(MLP + "experts.gate_up_proj", (MLP + "experts.{expert}.gate_proj.weight",
+                                                MLP + "experts.{expert}.up_proj.weight")),
     FusedExperts(MLP + "experts.down_proj", (MLP + "experts.{expert}.down_proj.weight",)),
 )
 
