@@ -62,7 +62,7 @@ def test_sigkill_and_killed_save_resume_identically(start):
     assert "resuming" in resumed.stderr and "at step 2" in resumed.stderr
     _assert_same(reference, read_metrics(out / "metrics.jsonl"))
     assert ckpt_dir.latest_iteration(out).name == "iter_0000006"
-    assert not partial.exists()  # the half-written save was replaced by the real one
+    assert not partial.exists()  # the half-written save is cleaned up
 
     again = run_cli("megatron_ec.finetune", ["--config", str(cfg)])
     assert again.returncode == 0 and "0 steps this run" in again.stderr

@@ -139,6 +139,13 @@ def _copy_metadata(source: Path, stage: Path, method: MethodState) -> None:
     method.save(stage)
 
 
+def remove_partial_saves(root: Path) -> None:
+    """Delete staging directories left by saves that were killed (rank 0)."""
+    if dist.get_rank() == 0:
+        for partial in Path(root).glob(".iter_*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` published iterations (rank 0; 0 = keep all)."""
     if keep_last <= 0 or dist.get_rank() != 0:

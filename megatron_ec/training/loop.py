@@ -186,6 +186,7 @@ class Phase:
             return PhaseResult(0, None, None, self.out)
         cfg = self.cfg
         start_step = self.state.step
+        checkpoint.remove_partial_saves(self.out)
         metrics = MetricsWriter(self.out, start_step, cfg.output.tensorboard, self.rank0)
         progress = Progress(self.method.name, self.total, start_step, cfg.output.log_interval,
                             enabled=self.rank0)

@@ -167,8 +167,8 @@ class MegatronAdam:
             group["lr"] = lr
 
     def step(self) -> float:
-        _, grad_norm, _ = self.inner.step()
-        return float(grad_norm)
+        _, grad_norm, _ = self.inner.step()  # (success, norm, zeros); norm None if skipped
+        return float("nan") if grad_norm is None else float(grad_norm)
 
     def save(self, directory: Path, model) -> None:
         from megatron.core import dist_checkpointing
