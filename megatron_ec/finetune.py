@@ -6,8 +6,10 @@ One invocation runs one phase (sft, bias or condenser, from `method.name`); a re
 
 `--check` validates the config, the starting checkpoint and the data on one process and exits
 without writing anything (but `data.cache_dir`, when set, which the run then reuses): the launcher
-runs it before torchrun so that user errors surface as one line. A user error (config, data, checkpoint) prints one line to stderr, exits with status 2, and
-writes nothing.
+runs it before torchrun so that user errors surface as one line. `--list-keys` prints every key.
+
+A user error (config, data, checkpoint, layout) prints one line to stderr on rank 0, exits with
+status 2 and leaves nothing behind (an output.dir the failed run created is removed).
 """
 
 from __future__ import annotations

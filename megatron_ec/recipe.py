@@ -75,7 +75,9 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
-class Phase:
+class PhaseSpec:
+    """One entry of `phases:`: a name and section overrides (validated when built)."""
+
     name: str
     sections: dict
 
@@ -98,10 +100,10 @@ class Recipe:
     def load(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
         return cls(path, load_yaml(path), list(overrides or []))
 
-    def _phases(self, raw) -> list[Phase]:
+    def _phases(self, raw) -> list[PhaseSpec]:
         if raw is None:
             name = str((self.base.get("method") or {}).get("name", "sft"))
-            return [Phase(name, {})]
+            return [PhaseSpec(name, {})]
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"{self.path}: phases must be a non-empty list of mappings")
         phases = []
@@ -112,9 +114,9 @@ class Recipe:
             sections = {k: v for k, v in item.items() if k != "name"}
             bad = [k for k in sections if k not in SECTIONS]
             if bad:
-                    raise ConfigError(unknown_key_message(f"phases[{index}].{bad[0]}",
-                                                       [f"phases[{index}].{s}" for s in SECTIONS]))
-            phases.append(Phase(item["name"], sections))
+                allowed = [f"phases[{index}].{s}" for s in SECTIONS]
+                raise ConfigError(unknown_key_message(f"phases[{index}].{bad[0]}", allowed))
+            phases.append(PhaseSpec(item["name"], sections))
         names = [p.name for p in phases]
         if len(set(names)) != len(names):
             raise ConfigError(f"{self.path}: phase names must be unique, got {names}")
@@ -139,10 +141,11 @@ class Recipe:
         """The merged (unvalidated) sections of one phase, with chaining applied."""
         from megatron_ec.training.config import FinetuneConfig
 
-        index = [p.name for p in self.phases].index(name) if self._has(name) else None
-        if index is None:
+        names = [p.name for p in self.phases]
+        if name not in names:
             raise ConfigError(f"{self.path}: no phase named {name!r}; phases: "
                               f"{', '.join(p.name for p in self.phases)}")
+        index = names.index(name)
         data = merge(self.base, self.phases[index].sections)
         data = apply_overrides(data, self.global_overrides, FinetuneConfig)
         data = apply_overrides(data, self.phase_overrides[name], FinetuneConfig)
@@ -153,9 +156,6 @@ class Recipe:
             previous = self.phase_data(self.phases[index - 1].name)
             data = merge(data, {"model": {"checkpoint": _output_dir(previous)}})
         return data
-
-    def _has(self, name: str) -> bool:
-        return any(p.name == name for p in self.phases)
 
     def phase_config(self, name: str):
         """The validated `FinetuneConfig` of one phase."""
