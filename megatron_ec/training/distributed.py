@@ -10,12 +10,20 @@ from __future__ import annotations
 import torch
 
 
-def wrap_ddp(model: torch.nn.Module, tcfg):
-    """Wrap a GPTModel in Megatron-Core's DistributedDataParallel (fp32 gradient buffers)."""
+def wrap_ddp(model: torch.nn.Module, tcfg, use_distributed_optimizer: bool = False):
+    """Wrap a GPTModel in Megatron-Core's DistributedDataParallel (fp32 gradient buffers).
+
+    Args:
+        model: the GPTModel (or its Float16Module).
+        tcfg: its TransformerConfig.
+        use_distributed_optimizer: lay the gradient buffers out for Megatron's distributed
+            optimizer (GPU; the CPU path uses torch AdamW and keeps this False).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     return DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
 

@@ -1,0 +1,150 @@
+"""Held-out math accuracy of exported models, and the demo's closing table.
+
+    python -m megatron_ec.eval.demo_eval --hf runs/demo/hf [--base runs/demo/hf_base]
+        --heldout runs/demo/data/heldout.jsonl [--max-samples 200] [--max-new-tokens 48]
+        [--metrics runs/demo/phase1_bias/metrics.jsonl runs/demo/phase2_condenser/metrics.jsonl]
+        [--json runs/demo/eval.json]
+
+Each model is a stock `transformers` model loaded from its exported directory, with the
+ExpertCondenser routing restored from the directory's routing file (`restore_condenser_routing`:
+learned bias, condensers, forcing); a directory without one (the base model) routes as the family
+does. Prompts are rendered with the training chat template (the tokenizer's own, else `alpaca`);
+the answer is the last number of the greedy completion, correct within 1e-3 (paper Sec. 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def load_records(path: str, limit: int) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8-sig") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records.append({"prompt": _prompt(record), "answer": str(record["answer"])})
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not an instruction/answer record ({err}); "
+                                 "fix or remove the line") from None
+            if len(records) == limit:
+                break
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def _prompt(record: dict) -> str:
+    extra = record.get("input") or ""
+    return f"{record['instruction']}\n\n{extra}" if extra.strip() else record["instruction"]
+
+
+def evaluate(hf_dir: str, records: list[dict], max_new_tokens: int, chat_template: str = "auto",
+             fallback_template: str = "alpaca") -> dict:
+    """Accuracy of one exported model on `records`, with its condenser routing restored."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ec.data import ChatEncoder, load_tokenizer, resolve_chat_template
+    from megatron_ec.eval.hf_routing import restore_condenser_routing
+    from megatron_ec.eval.math_answers import math_accuracy
+
+    tokenizer = load_tokenizer(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    restored = restore_condenser_routing(model, hf_dir)
+    encoder = ChatEncoder(tokenizer, resolve_chat_template(tokenizer, chat_template,
+                                                           fallback_template))
+    prompts = [encoder.render_prompt([{"role": "user", "content": r["prompt"]}]) for r in records]
+    began = time.monotonic()
+    score = math_accuracy(model, tokenizer, prompts, [r["answer"] for r in records],
+                          max_new_tokens=max_new_tokens, batch_size=32)
+    return {"dir": hf_dir, "accuracy": score.accuracy, "correct": score.num_correct,
+            "total": len(records), "restored_layers": restored,
+            "seconds": time.monotonic() - began, "example": score.completions[0].strip()}
+
+
+def phase_summary(metrics_file: str) -> dict:
+    from megatron_ec.training.metrics import read_metrics
+
+    records = read_metrics(metrics_file)
+    if not records:
+        return {"file": metrics_file, "steps": 0}
+    last = records[-1]
+    condensers = {key.split("/")[1]: value for key, value in last.items()
+                  if key.endswith("/condensers")}
+    return {"file": metrics_file, "phase": last["phase"], "steps": last["step"],
+            "first_loss": records[0]["loss"], "last_loss": last["loss"],
+            "condensers": condensers}
+
+
+def format_table(phases: list[dict], results: list[tuple[str, dict]], num_samples: int) -> str:
+    lines = ["", "ExpertCondenser demo summary", "-" * 64,
+             f"{'phase':<12}{'steps':>6}  {'loss first':>10}  {'loss last':>10}  condensers"]
+    for phase in phases:
+        if phase["steps"]:
+            condensers = " ".join(f"{k}={v}" for k, v in phase["condensers"].items()) or "-"
+            lines.append(f"{phase['phase']:<12}{phase['steps']:>6}  {phase['first_loss']:>10.4f}"
+                         f"  {phase['last_loss']:>10.4f}  {condensers}")
+    lines += ["", f"held-out accuracy (last number within 1e-3, {num_samples} problems, greedy)"]
+    for label, result in results:
+        lines.append(f"  {label:<44}{100 * result['accuracy']:6.1f}%  "
+                     f"({result['correct']}/{result['total']})")
+    if results:
+        lines.append(f"  e.g. {results[-1][1]['example'][:90]!r}")
+    return "\n".join(lines + ["-" * 64])
+
+
+def _quiet() -> None:
+    """No library warnings or progress bars between the table and the training log."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron_ec.eval.demo_eval",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf", required=True, help="exported (fine-tuned) HF directory")
+    parser.add_argument("--base", default=None, help="HF directory of the model before training")
+    parser.add_argument("--heldout", required=True)
+    parser.add_argument("--max-samples", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--metrics", nargs="*", default=[], help="metrics.jsonl of each phase")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    _quiet()
+    try:
+        records = load_records(args.heldout, args.max_samples)
+        phases = [phase_summary(path) for path in args.metrics]
+    except (ValueError, OSError) as err:
+        print(f"megatron_ec.eval.demo_eval: error: {err}", file=sys.stderr)
+        return 2
+    results = []
+    if args.base:
+        results.append((f"before fine-tuning ({Path(args.base).name})",
+                        evaluate(args.base, records, args.max_new_tokens)))
+    tuned = evaluate(args.hf, records, args.max_new_tokens)
+    label = f"fine-tuned, EC routing restored ({tuned['restored_layers']} layers)"
+    results.append((label, tuned))
+    print(format_table(phases, results, len(records)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"phases": phases, "results": dict(results)},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

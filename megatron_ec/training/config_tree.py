@@ -1,0 +1,358 @@
+"""Build nested config dataclasses from YAML and `dotted.key=value` overrides, strictly.
+
+A config is a tree of dataclasses (one per section). `build()` turns a plain dict (from YAML) into
+that tree and rejects what a typo would otherwise hide:
+- an unknown key is an error that names the closest valid key (difflib);
+- every value is checked against its field's annotation (`int`, `float`, `str`, `bool`,
+  `X | None`, `tuple[...]`, `list[...]`, `Sequence[...]`, `dict[...]`, nested dataclasses);
+- a missing required field is an error naming it.
+
+Overrides (`train.lr=3e-4`) are parsed as YAML scalars, except that a field typed `str` keeps the
+text as written (so `output.dir=007` stays "007"). PyYAML reads `1e-5` (no dot) as a string; a
+numeric string is accepted where a float is expected.
+
+Every error is a `ConfigError` (a `ValueError`) with a one-line, fix-it message.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Raw:
+    """An override value as typed on the command line, resolved against the field's type."""
+
+    text: str
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise ConfigError(f"{where}: {problem}; fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, not "
+                          f"{type(data).__name__}")
+    return data
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config tree (sections and leaves)."""
+    keys = []
+    for name, hint in _hints(cls).items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        inner = _dataclass_in(hint)
+        if inner is not None:
+            keys += valid_keys(inner, key + ".")
+    return keys
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
+    """Merge `dotted.key=value` strings into a nested dict (a copy); values resolved in `build`.
+
+    Args:
+        data: the config as loaded from YAML.
+        overrides: command-line overrides.
+        cls: the config class, for a did-you-mean hint on unknown keys; None = no check here.
+    """
+    merged = _deep_copy(data)
+    allowed = valid_keys(cls) if cls is not None else None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+        if allowed is not None and key not in allowed:
+            raise ConfigError(unknown_key_message(key, allowed))
+        node = merged
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = _Raw(text)
+    return merged
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge: sections merge key by key, values in `update` win."""
+    out = _deep_copy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Instantiate the dataclass tree `cls` from `data`, checking keys and types.
+
+    Args:
+        cls: a dataclass whose fields may be dataclasses themselves.
+        data: a mapping (a section of the YAML), or an instance of `cls` (returned as is).
+        path: dotted prefix of this section, for messages.
+    """
+    if isinstance(data, cls):
+        return data
+    where = path.rstrip(".") or "the config"
+    if isinstance(data, _Raw):
+        raise ConfigError(f"{where} is a section; set its keys, e.g. {path}<key>=value")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
+    hints = _hints(cls)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        allowed = valid_keys(cls, path)
+        raise ConfigError(unknown_key_message(f"{path}{unknown[0]}", allowed))
+    values = {}
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        key = f"{path}{field.name}"
+        if field.name in data:
+            values[field.name] = _convert(data[field.name], hints[field.name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            inner = _dataclass_in(hints[field.name])
+            if inner is not None and _all_optional(inner):
+                values[field.name] = inner()
+            else:
+                raise ConfigError(f"{key} is required; set it in the config or as {key}=...")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        message = _one_line(err)
+        if not message.startswith(f"{where}.") and not message.startswith(f"{where}:"):
+            message = f"{where}: {message}"
+        raise ConfigError(message) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A config tree back to plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def unknown_key_message(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    if not close:  # a right leaf in the wrong section: compare leaf names
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in allowed}
+        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+        close = [by_leaf[leaves[0]]] if leaves else []
+    if close:
+        return f"unknown config key '{key}'; did you mean '{close[0]}'?"
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in allowed if k.startswith(section) and "." not in k[len(section):]]
+    return f"unknown config key '{key}'; valid keys here: {', '.join(siblings)}"
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (directly or as `X | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint) if _is_union(hint) else ():
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _all_optional(cls: type) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls) if f.init)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked (and lightly coerced) against the annotation `hint`."""
+    if isinstance(value, _Raw):
+        value = value.text if _accepts_plain_str(hint) else _parse_scalar(value.text, key)
+    if hint is Any:
+        return value
+    if _is_union(hint):
+        return _convert_union(value, hint, key)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is not None:
+        return _convert_generic(value, origin, typing.get_args(hint), key)
+    return _convert_scalar(value, hint, key)
+
+
+def _convert_union(value: Any, hint: Any, key: str) -> Any:
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} must be set, got null")
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError as err:
+            errors.append(err)
+    names = " or ".join(_type_name(a) for a in args if a is not type(None))
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def _convert_generic(value: Any, origin: Any, args: tuple, key: str) -> Any:
+    if origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item_hint = args[0] if args else Any
+        items = [_convert(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        key_hint, value_hint = args if args else (Any, Any)
+        return {_convert(k, key_hint, f"{key} key"): _convert(v, value_hint, f"{key}.{k}")
+                for k, v in value.items()}
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {origin}")  # our own bug, said plainly
+
+
+def _convert_scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _is_int_text(value):
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_scalar(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}={text!r}: not a valid YAML value") from None
+
+
+def _accepts_plain_str(hint: Any) -> bool:
+    if hint is str:
+        return True
+    if _is_union(hint):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args == [str]
+    return False
+
+
+def _is_int_text(text: str) -> bool:
+    return text.strip().lstrip("+-").isdigit()
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its attribute docstring} of a dataclass (the string literal under the field)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(getattr(following, "value", None), ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf of a config tree, in declaration order."""
+    rows = []
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        key = f"{prefix}{field.name}"
+        inner = _dataclass_in(hints[field.name])
+        if inner is not None:
+            rows += describe_keys(inner, key + ".")
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "(required)"
+        rows.append((key, default, docs.get(field.name, "")))
+    return rows

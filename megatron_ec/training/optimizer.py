@@ -1,0 +1,194 @@
+"""One small optimizer interface, two backends: torch AdamW on CPU, Megatron's optimizer on GPU.
+
+Both start after `finalize_grads()` has reduced the step's gradients into each parameter's
+`main_grad` (Megatron DDP) and do: global gradient norm over every TP/EP shard, clipping, AdamW.
+
+- `TorchAdamW` (CPU, fp32; the Megatron optimizer does not run on CPU, see MCORE_ON_CPU.md): copies
+  `main_grad` into `.grad`, computes the norm with `global_grad_norm()` below, clips and steps a
+  `torch.optim.AdamW`. Its state is saved per rank (each rank holds its own shards).
+- `MegatronAdam` (GPU): `megatron.core.optimizer.get_megatron_optimizer` with the distributed
+  optimizer, fp32 master weights for bf16/fp8 models, Megatron's own norm and clipping. Thin and
+  NOT exercised on this project's CPU-only machines.
+
+Global norm without double counting: a parameter is replicated over the data-parallel ranks (the
+gradients are identical after the all-reduce), and a parameter that is not tensor-parallel (norms,
+router, biases of row-parallel layers) is replicated over TP too. Each rank therefore sums the
+squares of its unique shards only - tensor-parallel shards everywhere, replicated parameters on TP
+rank 0 - then dense squares are summed over the tensor-parallel group and expert squares over the
+expert-tensor x expert-model-parallel group, exactly as Megatron's `get_grad_norm_fp32` does with
+its grad-stats groups.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron_ec.training.config import TrainConfig
+
+
+class Optimizer(Protocol):
+    """What the loop needs from an optimizer."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def step(self) -> float:
+        """Clip and apply the finalized gradients; return the global gradient norm (pre-clip)."""
+
+    def save(self, directory: Path, model) -> None:
+        """Write the optimizer state under `directory` (collective: every rank calls it)."""
+
+    def load(self, directory: Path, model) -> None:
+        """Read what `save` wrote at the same parallel layout (collective)."""
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    # Megatron marks routed-expert parameters allreduce=False (reduced over expert-DP instead).
+    return not getattr(param, "allreduce", True)
+
+
+def _is_unique_shard(param: torch.nn.Parameter, tp_rank: int, etp_rank: int) -> bool:
+    if getattr(param, "tensor_model_parallel", False):
+        return True
+    return (etp_rank if _is_expert(param) else tp_rank) == 0
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter],
+                     grad_of=lambda p: p.main_grad) -> float:
+    """L2 norm of the full model's gradient, identical on every rank.
+
+    Args:
+        params: this rank's parameters (all of them; duplicates are filtered here).
+        grad_of: where the gradient lives (`main_grad` after Megatron DDP, or `.grad`).
+    """
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    squares = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
+    for param in params:
+        grad = grad_of(param)
+        if grad is None or not _is_unique_shard(param, tp_rank, etp_rank):
+            continue
+        squares[int(_is_expert(param))] += grad.detach().double().pow(2).sum()
+    dense, expert = squares[:1].clone(), squares[1:].clone()
+    dist.all_reduce(dense, group=ps.get_tensor_model_parallel_group())
+    dist.all_reduce(expert, group=ps.get_expert_tensor_and_model_parallel_group())
+    return math.sqrt(float(dense.item() + expert.item()))
+
+
+@torch.no_grad()
+def clip_grads(params: Iterable[torch.nn.Parameter], max_norm: float, norm: float) -> None:
+    """Scale every `.grad` by max_norm / (norm + 1e-6) when that is below 1 (Megatron's rule);
+    `max_norm` 0 disables clipping."""
+    if max_norm <= 0 or not math.isfinite(norm):
+        return
+    coeff = max_norm / (norm + 1e-6)
+    if coeff < 1.0:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(coeff)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Megatron's convention: no decay for biases and 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TorchAdamW:
+    """torch AdamW over Megatron-DDP gradients (CPU, fp32 parameters)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.clip_grad = cfg.clip_grad
+        # foreach=False: the per-tensor loop is bitwise reproducible regardless of grouping.
+        self.inner = torch.optim.AdamW(
+            _param_groups(model, cfg.weight_decay), lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False,
+        )
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+
+    @torch.no_grad()
+    def step(self) -> float:
+        for param in self.params:
+            param.grad = param.main_grad.to(param.dtype)
+        norm = global_grad_norm(self.params, grad_of=lambda p: p.grad)
+        clip_grads(self.params, self.clip_grad, norm)
+        self.inner.step()
+        for param in self.params:
+            param.grad = None
+        return norm
+
+    def save(self, directory: Path, model) -> None:
+        torch.save(self.inner.state_dict(), Path(directory) / _rank_file())
+
+    def load(self, directory: Path, model) -> None:
+        path = Path(directory) / _rank_file()
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; the checkpoint was saved with fewer ranks")
+        self.inner.load_state_dict(torch.load(path, weights_only=False))
+
+
+def _rank_file() -> str:
+    return f"optimizer_rank{dist.get_rank():05d}.pt"
+
+
+class MegatronAdam:
+    """Megatron-Core's (distributed) Adam with fp32 master weights. GPU only; untested here."""
+
+    def __init__(self, ddp_model, cfg: TrainConfig):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        bf16 = cfg.precision in ("bf16", "fp8")
+        config = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio,
+            weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
+            bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=True,
+        )
+        self.inner = get_megatron_optimizer(config, [ddp_model])
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        _, grad_norm, _ = self.inner.step()  # (success, norm, zeros); norm None if skipped
+        return float("nan") if grad_norm is None else float(grad_norm)
+
+    def save(self, directory: Path, model) -> None:
+        from megatron.core import dist_checkpointing
+
+        target = Path(directory) / "optimizer"
+        target.mkdir(parents=True, exist_ok=True)
+        state = self.inner.sharded_state_dict(model.sharded_state_dict())
+        dist_checkpointing.save(state, str(target))
+
+    def load(self, directory: Path, model) -> None:
+        from megatron.core import dist_checkpointing
+
+        state = self.inner.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        self.inner.load_state_dict(dist_checkpointing.load(state, str(Path(directory) / "optimizer")))
+
+
+def build_optimizer(ddp_model, cfg: TrainConfig) -> Optimizer:
+    """Megatron's optimizer on GPU, torch AdamW on CPU."""
+    if torch.cuda.is_available():
+        return MegatronAdam(ddp_model, cfg)
+    from megatron_ec.training.distributed import unwrap
+
+    return TorchAdamW(unwrap(ddp_model), cfg)
