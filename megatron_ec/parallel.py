@@ -68,14 +68,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ensure_env() -> None:
-    """A plain `python -m ...` run is a world of one."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """torchrun's environment when present; otherwise a world of one on a free local port.
+
+    The single-process case passes the rendezvous explicitly instead of writing MASTER_PORT and
+    friends into os.environ, so that subprocesses started later do not inherit a port that this
+    process still holds.
+    """
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
 def init_parallel(cfg: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
@@ -88,19 +92,16 @@ def init_parallel(cfg: ParallelConfig, seed: int, timeout_minutes: int = 30) -> 
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    _ensure_env()
-    world_size = int(os.environ["WORLD_SIZE"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(world_size, cfg)
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         apply_cpu_compat()
     if not dist.is_initialized():
         if use_cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        _init_process_group("nccl" if use_cuda else "gloo",
+                            datetime.timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
