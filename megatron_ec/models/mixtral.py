@@ -14,10 +14,9 @@ from __future__ import annotations
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, FusedExperts, register
 from megatron_ec.models.hf_config import common_checks, decoder_fields, decoder_hf_fields, require
-from megatron_ec.models.transforms import gate_up, qkv, same
+from megatron_ec.models.transforms import H, decoder_rules
 
-M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
-ATTN, MOE = H + "self_attn.", H + "block_sparse_moe."
+MOE = H + "block_sparse_moe."
 EXPERT = MOE + "experts.{expert}."
 
 
@@ -53,17 +52,4 @@ class Mixtral(Family):
         return out
 
     def rules(self, model_cfg: MoEModelConfig):
-        expert = "mlp.experts.local_experts.{expert}."
-        return [
-            same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
-            same("decoder.final_layernorm.weight", "model.norm.weight"),
-            same("output_layer.weight", "lm_head.weight", pads_vocab=True),
-            same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
-            qkv(M + "self_attention.linear_qkv.weight",
-                ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
-            same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
-            same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
-            same(M + "mlp.router.weight", MOE + "gate.weight"),
-            gate_up(M + expert + "linear_fc1.weight", EXPERT + "w1.weight", EXPERT + "w3.weight"),
-            same(M + expert + "linear_fc2.weight", EXPERT + "w2.weight"),
-        ]
+        return decoder_rules(MOE + "gate.weight", EXPERT, gate="w1", up="w3", down="w2")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, FusedExperts, Rule, register
-from megatron_ec.models.transforms import gate_up, qkv, same
+from megatron_ec.models.transforms import H, decoder_rules, qk_norm_rules
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
 CONFIG_FIELDS = {
@@ -33,9 +33,8 @@ CONFIG_FIELDS = {
     "init_std": "initializer_range",
 }
 
-M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
-ATTN, MLP = H + "self_attn.", H + "mlp."
-EXPERT, HF_EXPERT = M + "mlp.experts.local_experts.{expert}.", MLP + "experts.{expert}."
+MLP = H + "mlp."
+HF_EXPERT = MLP + "experts.{expert}."
 
 # transformers v5's in-memory layout, written by save_pretrained(save_original_format=False)
 FUSED_EXPERTS = (
@@ -88,23 +87,8 @@ def _full_width_qk_norm(model_cfg: MoEModelConfig):
 
 
 def _rules() -> list[Rule]:
-    return [
-        same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
-        same("decoder.final_layernorm.weight", "model.norm.weight"),
-        same("output_layer.weight", "lm_head.weight", pads_vocab=True),
-        same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
-        qkv(M + "self_attention.linear_qkv.weight",
-            ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
-        # full-width norms: the Megatron weight is the whole [heads * head_dim] vector
-        same(M + "self_attention.q_layernorm.weight", ATTN + "q_norm.weight"),
-        same(M + "self_attention.k_layernorm.weight", ATTN + "k_norm.weight"),
-        same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
-        same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
-        same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
-        gate_up(EXPERT + "linear_fc1.weight", HF_EXPERT + "gate_proj.weight",
-                HF_EXPERT + "up_proj.weight", layers="moe"),
-        same(EXPERT + "linear_fc2.weight", HF_EXPERT + "down_proj.weight", layers="moe"),
-    ]
+    # full-width QK norms: the Megatron weight is the whole [heads * head_dim] vector
+    return [*decoder_rules(MLP + "gate.weight", HF_EXPERT), *qk_norm_rules()]
 
 
 @register

@@ -21,10 +21,18 @@ from megatron_ec.models.hf_config import (
     qwen_dense_layers,
     require,
 )
-from megatron_ec.models.transforms import gate_up, qkv, same
+from megatron_ec.models.transforms import (
+    ATTN,
+    H,
+    M,
+    decoder_rules,
+    dense_mlp_rules,
+    gate_up,
+    qkv,
+    same,
+)
 
-M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
-ATTN, MLP = H + "self_attn.", H + "mlp."
+MLP = H + "mlp."
 
 QWEN_FUSED_EXPERTS = (
     FusedExperts(MLP + "experts.gate_up_proj", (MLP + "experts.{expert}.gate_proj.weight",
@@ -79,29 +87,14 @@ class Qwen2Moe(Family):
     def rules(self, model_cfg: MoEModelConfig):
         bias = [qkv(M + "self_attention.linear_qkv.bias",
                     ATTN + "q_proj.bias", ATTN + "k_proj.bias", ATTN + "v_proj.bias")]
-        expert = "mlp.experts.local_experts.{expert}."
+        shared = MLP + "shared_expert."
         return [
-            same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
-            same("decoder.final_layernorm.weight", "model.norm.weight"),
-            same("output_layer.weight", "lm_head.weight", pads_vocab=True),
-            same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
-            qkv(M + "self_attention.linear_qkv.weight",
-                ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
+            *decoder_rules(MLP + "gate.weight", MLP + "experts.{expert}."),
             *(bias if model_cfg.qkv_bias else []),
-            same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
-            same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
-            gate_up(M + "mlp.linear_fc1.weight", MLP + "gate_proj.weight", MLP + "up_proj.weight",
-                    layers="dense"),
-            same(M + "mlp.linear_fc2.weight", MLP + "down_proj.weight", layers="dense"),
-            same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
-            gate_up(M + expert + "linear_fc1.weight", MLP + "experts.{expert}.gate_proj.weight",
-                    MLP + "experts.{expert}.up_proj.weight", layers="moe"),
-            same(M + expert + "linear_fc2.weight", MLP + "experts.{expert}.down_proj.weight",
-                 layers="moe"),
-            gate_up(M + "mlp.shared_experts.linear_fc1.weight",
-                    MLP + "shared_expert.gate_proj.weight", MLP + "shared_expert.up_proj.weight",
-                    layers="moe"),
-            same(M + "mlp.shared_experts.linear_fc2.weight", MLP + "shared_expert.down_proj.weight",
+            *dense_mlp_rules(MLP),
+            gate_up(M + "mlp.shared_experts.linear_fc1.weight", shared + "gate_proj.weight",
+                    shared + "up_proj.weight", layers="moe"),
+            same(M + "mlp.shared_experts.linear_fc2.weight", shared + "down_proj.weight",
                  layers="moe"),
             same(M + "mlp.shared_experts.gate_weight", MLP + "shared_expert_gate.weight",
                  layers="moe"),

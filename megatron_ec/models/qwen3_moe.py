@@ -20,8 +20,8 @@ from megatron_ec.models.hf_config import (
     qwen_dense_layers,
     require,
 )
-from megatron_ec.models.qwen2_moe import ATTN, MLP, QWEN_FUSED_EXPERTS, H, M
-from megatron_ec.models.transforms import gate_up, qkv, same
+from megatron_ec.models.qwen2_moe import MLP, QWEN_FUSED_EXPERTS
+from megatron_ec.models.transforms import decoder_rules, dense_mlp_rules, qk_norm_rules
 
 
 @register
@@ -63,24 +63,5 @@ class Qwen3Moe(Family):
         return out
 
     def rules(self, model_cfg: MoEModelConfig):
-        expert = "mlp.experts.local_experts.{expert}."
-        return [
-            same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
-            same("decoder.final_layernorm.weight", "model.norm.weight"),
-            same("output_layer.weight", "lm_head.weight", pads_vocab=True),
-            same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
-            qkv(M + "self_attention.linear_qkv.weight",
-                ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
-            same(M + "self_attention.q_layernorm.weight", ATTN + "q_norm.weight"),
-            same(M + "self_attention.k_layernorm.weight", ATTN + "k_norm.weight"),
-            same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
-            same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
-            gate_up(M + "mlp.linear_fc1.weight", MLP + "gate_proj.weight", MLP + "up_proj.weight",
-                    layers="dense"),
-            same(M + "mlp.linear_fc2.weight", MLP + "down_proj.weight", layers="dense"),
-            same(M + "mlp.router.weight", MLP + "gate.weight", layers="moe"),
-            gate_up(M + expert + "linear_fc1.weight", MLP + "experts.{expert}.gate_proj.weight",
-                    MLP + "experts.{expert}.up_proj.weight", layers="moe"),
-            same(M + expert + "linear_fc2.weight", MLP + "experts.{expert}.down_proj.weight",
-                 layers="moe"),
-        ]
+        return [*decoder_rules(MLP + "gate.weight", MLP + "experts.{expert}."),
+                *qk_norm_rules(), *dense_mlp_rules(MLP)]

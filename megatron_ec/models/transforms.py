@@ -67,3 +67,48 @@ def qkv(megatron: str, q: str, k: str, v: str) -> Rule:
 def gate_up(megatron: str, gate: str, up: str, layers: str = "all") -> Rule:
     """Gated Megatron `linear_fc1` <-> HF gate and up projections."""
     return Rule(megatron, (gate, up), fuse_gate_up, split_gate_up, layers=layers)
+
+
+# Name prefixes of one decoder layer: Megatron (TP1/EP1, global expert ids) and HF.
+M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
+ATTN = H + "self_attn."
+MEGATRON_EXPERT = M + "mlp.experts.local_experts.{expert}."
+
+
+def decoder_rules(router: str, expert: str, gate: str = "gate_proj", up: str = "up_proj",
+                  down: str = "down_proj") -> list[Rule]:
+    """The table every Llama-style MoE family shares: embeddings, final norm, output layer,
+    fused QKV and output projection, the two layer norms, the router and the routed experts.
+
+    Args:
+        router: HF name of the router weight, e.g. H + "mlp.gate.weight".
+        expert: HF prefix of one routed expert, e.g. H + "mlp.experts.{expert}.".
+        gate, up, down: HF names of the expert's projections under that prefix.
+    """
+    return [
+        same("embedding.word_embeddings.weight", "model.embed_tokens.weight", pads_vocab=True),
+        same("decoder.final_layernorm.weight", "model.norm.weight"),
+        same("output_layer.weight", "lm_head.weight", pads_vocab=True),
+        same(M + "input_layernorm.weight", H + "input_layernorm.weight"),
+        qkv(M + "self_attention.linear_qkv.weight",
+            ATTN + "q_proj.weight", ATTN + "k_proj.weight", ATTN + "v_proj.weight"),
+        same(M + "self_attention.linear_proj.weight", ATTN + "o_proj.weight"),
+        same(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+        same(M + "mlp.router.weight", router, layers="moe"),
+        gate_up(MEGATRON_EXPERT + "linear_fc1.weight", f"{expert}{gate}.weight",
+                f"{expert}{up}.weight", layers="moe"),
+        same(MEGATRON_EXPERT + "linear_fc2.weight", f"{expert}{down}.weight", layers="moe"),
+    ]
+
+
+def qk_norm_rules() -> list[Rule]:
+    """Query/key norm weights (per head or full width: the tensors map one to one)."""
+    return [same(M + "self_attention.q_layernorm.weight", ATTN + "q_norm.weight"),
+            same(M + "self_attention.k_layernorm.weight", ATTN + "k_norm.weight")]
+
+
+def dense_mlp_rules(mlp: str) -> list[Rule]:
+    """The gated MLP of dense layers, HF prefix `mlp` (e.g. H + "mlp.")."""
+    return [gate_up(M + "mlp.linear_fc1.weight", mlp + "gate_proj.weight", mlp + "up_proj.weight",
+                    layers="dense"),
+            same(M + "mlp.linear_fc2.weight", mlp + "down_proj.weight", layers="dense")]
