@@ -92,3 +92,15 @@ def qwen_dense_layers(hf_config) -> tuple[int, ...]:
     mlp_only = set(hf_config.mlp_only_layers or ())
     return tuple(i for i in range(hf_config.num_hidden_layers)
                  if i in mlp_only or (i + 1) % step != 0)
+
+
+def qwen_moe_hf_fields(cfg, original: dict, num_experts_key: str) -> dict:
+    """`decoder_hf_fields` plus the MoE fields Qwen2-MoE and Qwen3-MoE write the same way
+    (they differ in the name of the expert count: `num_experts` / `num_local_experts`)."""
+    out = decoder_hf_fields(cfg, original)
+    out.update({num_experts_key: cfg.num_experts},
+               moe_intermediate_size=cfg.moe_ffn_hidden_size,
+               norm_topk_prob=cfg.norm_topk_prob)
+    if cfg.ffn_hidden_size:
+        out["intermediate_size"] = cfg.ffn_hidden_size
+    return out

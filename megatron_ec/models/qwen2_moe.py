@@ -17,8 +17,8 @@ from megatron_ec.models.family import Family, FusedExperts, register
 from megatron_ec.models.hf_config import (
     common_checks,
     decoder_fields,
-    decoder_hf_fields,
     qwen_dense_layers,
+    qwen_moe_hf_fields,
     require,
 )
 from megatron_ec.models.transforms import (
@@ -72,16 +72,9 @@ class Qwen2Moe(Family):
         )
 
     def to_hf_config(self, model_cfg: MoEModelConfig, original: dict) -> dict:
-        out = decoder_hf_fields(model_cfg, original)
-        out.update(
-            num_experts=model_cfg.num_experts,
-            moe_intermediate_size=model_cfg.moe_ffn_hidden_size,
-            shared_expert_intermediate_size=model_cfg.shared_expert_size,
-            qkv_bias=model_cfg.qkv_bias,
-            norm_topk_prob=model_cfg.norm_topk_prob,
-        )
-        if model_cfg.ffn_hidden_size:
-            out["intermediate_size"] = model_cfg.ffn_hidden_size
+        out = qwen_moe_hf_fields(model_cfg, original, "num_experts")
+        out.update(shared_expert_intermediate_size=model_cfg.shared_expert_size,
+                   qkv_bias=model_cfg.qkv_bias)
         return out
 
     def rules(self, model_cfg: MoEModelConfig):

@@ -16,8 +16,8 @@ from megatron_ec.models.family import Family, register
 from megatron_ec.models.hf_config import (
     common_checks,
     decoder_fields,
-    decoder_hf_fields,
     qwen_dense_layers,
+    qwen_moe_hf_fields,
     require,
 )
 from megatron_ec.models.qwen2_moe import MLP, QWEN_FUSED_EXPERTS
@@ -52,15 +52,7 @@ class Qwen3Moe(Family):
         )
 
     def to_hf_config(self, model_cfg: MoEModelConfig, original: dict) -> dict:
-        out = decoder_hf_fields(model_cfg, original)
-        out.update(
-            num_local_experts=model_cfg.num_experts,
-            moe_intermediate_size=model_cfg.moe_ffn_hidden_size,
-            norm_topk_prob=model_cfg.norm_topk_prob,
-        )
-        if model_cfg.ffn_hidden_size:
-            out["intermediate_size"] = model_cfg.ffn_hidden_size
-        return out
+        return qwen_moe_hf_fields(model_cfg, original, "num_local_experts")
 
     def rules(self, model_cfg: MoEModelConfig):
         return [*decoder_rules(MLP + "gate.weight", MLP + "experts.{expert}."),
