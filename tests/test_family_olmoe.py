@@ -7,33 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, OlmoeConfig
+from transformers import OlmoeConfig
 
 from megatron_ec.models.family import get_family
-from tests.convert_testing import (
-    assert_bitwise_equal,
-    disk_tensors,
-    hf_logits,
-    hf_state,
-    random_tokens,
-)
-from tests.family_parity import (
-    IMPORTED,
-    LAYOUTS,
-    RESHARDED,
-    converter_round_trip,
-    hf_reference,
-    max_grad_rel_diff,
-    max_logit_diff,
-    parity_worker,
-    roundtrip_mismatches,
-    save_reference,
-)
-from tests.harness import run_on_ranks
+from tests.family_checks import FamilyParityChecks
 
-LOGIT_TOL = 1e-4
-GRAD_REL_TOL = 1e-4
 
 
 def olmoe_config(**overrides) -> OlmoeConfig:
@@ -53,32 +31,6 @@ CASES = {
 }
 
 
-# The converter's 4-rank import runs on IMPORT_CASE, its single-process round trip on the other.
-IMPORT_CASE, ROUND_TRIP_CASE, FUSED_CASE = "renormalised", "hub_routing", "renormalised"
-
-
-@pytest.fixture(scope="module")
-def references():
-    return {case: hf_reference(config) for case, config in CASES.items()}
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """On-disk copies of the reference models: renormalised in transformers v5's fused layout."""
-    root = tmp_path_factory.mktemp("olmoe_hf")
-    return {case: save_reference(config, root / case, fused=case == FUSED_CASE)
-            for case, config in CASES.items()}
-
-
-@pytest.fixture(scope="module")
-def layout_results(references, hf_dirs, tmp_path_factory):
-    tokens = references["hub_routing"].tokens
-    assert all(torch.equal(ref.tokens, tokens) for ref in references.values())
-    configs = {case: (ref.model_cfg, ref.full) for case, ref in references.items()}
-    ckpt_dir = str(tmp_path_factory.mktemp("olmoe_ckpt"))
-    kwargs = {"ckpt_dir": ckpt_dir, "hf_dirs": {IMPORT_CASE: hf_dirs[IMPORT_CASE]}}
-    return run_on_ranks(parity_worker, world_size=4, args=("olmoe", configs, tokens),
-                        kwargs=kwargs, timeout=600)[0]
 
 
 def test_model_config_fields():
@@ -108,55 +60,12 @@ def test_unsupported_settings_raise(setting):
         get_family("olmoe").to_model_config(olmoe_config(**setting))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_rules_round_trip_every_hf_tensor_bitwise(references, case):
-    assert roundtrip_mismatches(references[case]) == []
+class TestParity(FamilyParityChecks):
+    """The shared checks (tests/family_checks.py) on this family's cases."""
 
+    FAMILY, CASES = "olmoe", CASES
+    IMPORT_CASE, ROUND_TRIP_CASE, FUSED_CASE = "renormalised", "hub_routing", "renormalised"
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
-def test_mapped_tensors_cover_the_model_exactly(layout_results, case, layout):
-    assert layout_results[(case, layout)].unmatched == []
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
-def test_logits_match_hf(references, layout_results, case, layout):
-    diff = max_logit_diff(references[case], layout_results[(case, layout)].logits)
-    assert diff <= LOGIT_TOL, f"{case} TP{layout[0]}/EP{layout[1]}: max |dlogit| = {diff:.2e}"
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_resharded_checkpoint_keeps_hf_logits(references, layout_results, case):
-    diff = max_logit_diff(references[case], layout_results[(case, RESHARDED)])
-    assert diff <= LOGIT_TOL, f"{case}: {RESHARDED}: max |dlogit| = {diff:.2e}"
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES)
-def test_gradients_match_hf(references, layout_results, case, layout):
-    diffs = max_grad_rel_diff(references[case], layout_results[(case, layout)].grads)
-    worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= GRAD_REL_TOL, f"{case} {layout}: {worst} rel diff {diffs[worst]:.2e}"
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_converter_import_matches_hf(references, layout_results, layout):
-    """`checkpoint_convert` import (each rank reads its own slices) at every layout."""
-    logits = layout_results[(IMPORT_CASE, layout, IMPORTED)]
-    diff = max_logit_diff(references[IMPORT_CASE], logits)
-    assert diff <= LOGIT_TOL, f"{IMPORT_CASE} imported at {layout}: max |dlogit| = {diff:.2e}"
-
-
-def test_converter_round_trip(hf_dirs, tmp_path):
-    """import -> verify -> export gives back the hub tensors bitwise and the same HF logits."""
-    hf_dir = hf_dirs[ROUND_TRIP_CASE]
-    result = converter_round_trip(hf_dir, tmp_path)
-    assert result.verify_diff <= LOGIT_TOL
-    if ROUND_TRIP_CASE != FUSED_CASE:  # the exporter writes the hub's per-expert layout
-        assert_bitwise_equal(disk_tensors(result.exported), disk_tensors(hf_dir))
-    assert_bitwise_equal(hf_state(result.exported), hf_state(hf_dir))
-    assert AutoConfig.from_pretrained(result.exported).to_dict() | {"_name_or_path": ""} == \
-        AutoConfig.from_pretrained(hf_dir).to_dict() | {"_name_or_path": ""}
-    tokens = random_tokens()
-    assert torch.equal(hf_logits(result.exported, tokens), hf_logits(hf_dir, tokens))
+    @pytest.fixture(params=list(CASES))
+    def case(self, request):
+        return request.param
