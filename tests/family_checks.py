@@ -17,6 +17,10 @@ reshard and the converter import; the tests below read its results.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -80,6 +84,13 @@ class FamilyParityChecks:
     @pytest.fixture(params=LAYOUTS, ids=lambda layout: f"TP{layout[0]}EP{layout[1]}")
     def layout(self, request):
         return request.param
+
+    def test_family_imports_without_megatron_core(self):
+        """The converter reads configs and weights before importing MCore (which, for one, widens
+        torch.load's safe globals), so a family file must not import it."""
+        code = (f"import sys, megatron_ec.models.{self.FAMILY}; "
+                "assert 'megatron.core' not in sys.modules")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
     def test_rules_round_trip_every_hf_tensor_bitwise(self, references, case):
         assert roundtrip_mismatches(references[case]) == []

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import DeepseekV2Config
@@ -47,8 +43,6 @@ CASES = {
 }
 
 
-
-
 def test_model_config_fields():
     cfg = get_family("deepseek_v2").to_model_config(CASES["v2_qlora_yarn_grouped"])
     assert cfg.dense_layers == (0,) and cfg.ffn_hidden_size == 96
@@ -72,13 +66,6 @@ def test_hub_style_config_dict_loads():
                aux_loss_alpha=0.001, scoring_func="softmax")
     cfg = get_family("deepseek_v2").to_model_config(DeepseekV2Config.from_dict(hub))
     assert cfg.rope_scaling.mscale_all_dim == 0.707 and cfg.aux_loss_coeff == 0.001
-
-
-def test_family_imports_without_megatron_core():
-    """The converter reads configs and weights before importing MCore (which, for one, widens
-    torch.load's safe globals), so a family file must not import it."""
-    code = "import sys, megatron_ec.models.deepseek_v2; assert 'megatron.core' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 def test_hf_config_round_trip():
