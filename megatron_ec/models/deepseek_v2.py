@@ -21,8 +21,8 @@ HF tensor names are the hub (on-disk) names: per-expert `gate_proj`/`up_proj`/`d
 from __future__ import annotations
 
 from megatron_ec.models.config import MLAConfig, MoEModelConfig, RopeScaling
-from megatron_ec.models.family import Family, FusedExperts, Rule, register
-from megatron_ec.models.transforms import gate_up, same
+from megatron_ec.models.family import Family, Rule, register
+from megatron_ec.models.transforms import H, M, fused_expert_layout, gate_up, same
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
 CONFIG_FIELDS = {
@@ -45,16 +45,11 @@ MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_d
 # DeepseekV2RMSNorm's default eps, which q_a_layernorm and kv_a_layernorm are built with.
 LATENT_NORM_EPS = 1e-6
 
-M, H = "decoder.layers.{layer}.", "model.layers.{layer}."
 ATTN, HF_ATTN, MLP = M + "self_attention.", H + "self_attn.", H + "mlp."
 EXPERT, HF_EXPERT = M + "mlp.experts.local_experts.{expert}.", MLP + "experts.{expert}."
 
 # transformers v5's in-memory layout, written by save_pretrained(save_original_format=False)
-FUSED_EXPERTS = (
-    FusedExperts(MLP + "experts.gate_up_proj",
-                 (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight")),
-    FusedExperts(MLP + "experts.down_proj", (HF_EXPERT + "down_proj.weight",)),
-)
+FUSED_EXPERTS = fused_expert_layout(MLP + "experts.", HF_EXPERT)
 
 
 def _rope(hf_config) -> dict:

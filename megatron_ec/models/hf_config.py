@@ -104,3 +104,14 @@ def qwen_moe_hf_fields(cfg, original: dict, num_experts_key: str) -> dict:
     if cfg.ffn_hidden_size:
         out["intermediate_size"] = cfg.ffn_hidden_size
     return out
+
+
+def qwen_checks(hf_config, dense_layers: tuple[int, ...]) -> list[tuple[bool, str]]:
+    """`common_checks` plus what Qwen2-MoE and Qwen3-MoE configs can get wrong the same way."""
+    return [
+        *common_checks(hf_config),
+        (not hf_config.use_sliding_window,
+         "use_sliding_window=True is not supported; Megatron attends over the full context"),
+        (len(dense_layers) < hf_config.num_hidden_layers,
+         "no MoE layer (check num_experts, decoder_sparse_step and mlp_only_layers)"),
+    ]

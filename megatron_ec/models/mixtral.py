@@ -12,9 +12,9 @@ Facts from transformers 5.23 `modeling_mixtral.py` and `conversion_mapping.py`:
 from __future__ import annotations
 
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Family, FusedExperts, register
+from megatron_ec.models.family import Family, register
 from megatron_ec.models.hf_config import common_checks, decoder_fields, decoder_hf_fields, require
-from megatron_ec.models.transforms import H, decoder_rules
+from megatron_ec.models.transforms import H, decoder_rules, fused_expert_layout
 
 MOE = H + "block_sparse_moe."
 EXPERT = MOE + "experts.{expert}."
@@ -27,10 +27,8 @@ class Mixtral(Family):
     model_type = "mixtral"
     ignored_hf_keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
     hf_aliases = {H + "mlp.gate.weight": MOE + "gate.weight"}
-    fused_experts = (
-        FusedExperts(H + "mlp.experts.gate_up_proj", (EXPERT + "w1.weight", EXPERT + "w3.weight")),
-        FusedExperts(H + "mlp.experts.down_proj", (EXPERT + "w2.weight",)),
-    )
+    fused_experts = fused_expert_layout(H + "mlp.experts.", EXPERT, gate="w1", up="w3",
+                                        down="w2")
 
     def to_model_config(self, hf_config) -> MoEModelConfig:
         require(self.model_type, [

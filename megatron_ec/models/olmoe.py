@@ -12,8 +12,8 @@ HF tensor names are the hub (on-disk) names: per-expert `gate_proj`/`up_proj`/`d
 from __future__ import annotations
 
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Family, FusedExperts, Rule, register
-from megatron_ec.models.transforms import H, decoder_rules, qk_norm_rules
+from megatron_ec.models.family import Family, Rule, register
+from megatron_ec.models.transforms import H, decoder_rules, fused_expert_layout, qk_norm_rules
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
 CONFIG_FIELDS = {
@@ -37,11 +37,7 @@ MLP = H + "mlp."
 HF_EXPERT = MLP + "experts.{expert}."
 
 # transformers v5's in-memory layout, written by save_pretrained(save_original_format=False)
-FUSED_EXPERTS = (
-    FusedExperts(MLP + "experts.gate_up_proj",
-                 (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight")),
-    FusedExperts(MLP + "experts.down_proj", (HF_EXPERT + "down_proj.weight",)),
-)
+FUSED_EXPERTS = fused_expert_layout(MLP + "experts.", HF_EXPERT)
 
 
 def _unsupported(hf_config) -> list[str]:

@@ -13,10 +13,10 @@ Facts from transformers 5.23 `modeling_qwen2_moe.py`:
 from __future__ import annotations
 
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Family, FusedExperts, register
+from megatron_ec.models.family import Family, register
 from megatron_ec.models.hf_config import (
-    common_checks,
     decoder_fields,
+    qwen_checks,
     qwen_dense_layers,
     qwen_moe_hf_fields,
     require,
@@ -27,6 +27,7 @@ from megatron_ec.models.transforms import (
     M,
     decoder_rules,
     dense_mlp_rules,
+    fused_expert_layout,
     gate_up,
     qkv,
     same,
@@ -34,11 +35,7 @@ from megatron_ec.models.transforms import (
 
 MLP = H + "mlp."
 
-QWEN_FUSED_EXPERTS = (
-    FusedExperts(MLP + "experts.gate_up_proj", (MLP + "experts.{expert}.gate_proj.weight",
-                                                MLP + "experts.{expert}.up_proj.weight")),
-    FusedExperts(MLP + "experts.down_proj", (MLP + "experts.{expert}.down_proj.weight",)),
-)
+QWEN_FUSED_EXPERTS = fused_expert_layout(MLP + "experts.", MLP + "experts.{expert}.")
 
 
 @register
@@ -52,13 +49,9 @@ class Qwen2Moe(Family):
     def to_model_config(self, hf_config) -> MoEModelConfig:
         dense = qwen_dense_layers(hf_config)
         require(self.model_type, [
-            *common_checks(hf_config),
-            (not hf_config.use_sliding_window,
-             "use_sliding_window=True is not supported; Megatron attends over the full context"),
+            *qwen_checks(hf_config, dense),
             (hf_config.shared_expert_intermediate_size > 0,
              "shared_expert_intermediate_size must be > 0 (every Qwen2-MoE layer has one)"),
-            (len(dense) < hf_config.num_hidden_layers,
-             "no MoE layer (check num_experts, decoder_sparse_step and mlp_only_layers)"),
         ])
         return MoEModelConfig(
             **decoder_fields(hf_config, hf_config.moe_intermediate_size),

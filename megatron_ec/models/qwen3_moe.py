@@ -14,8 +14,8 @@ from __future__ import annotations
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, register
 from megatron_ec.models.hf_config import (
-    common_checks,
     decoder_fields,
+    qwen_checks,
     qwen_dense_layers,
     qwen_moe_hf_fields,
     require,
@@ -34,13 +34,9 @@ class Qwen3Moe(Family):
     def to_model_config(self, hf_config) -> MoEModelConfig:
         dense = qwen_dense_layers(hf_config)
         require(self.model_type, [
-            *common_checks(hf_config),
-            (not hf_config.use_sliding_window,
-             "use_sliding_window=True is not supported; Megatron attends over the full context"),
+            *qwen_checks(hf_config, dense),
             (not hf_config.attention_bias,
              "attention_bias=True (bias on q/k/v/o) is not supported"),
-            (len(dense) < hf_config.num_hidden_layers,
-             "no MoE layer (check num_experts, decoder_sparse_step and mlp_only_layers)"),
         ])
         return MoEModelConfig(
             **decoder_fields(hf_config, hf_config.moe_intermediate_size),

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.models.family import Rule
+from megatron_ec.models.family import FusedExperts, Rule
 
 
 def fuse_qkv(tensors: Sequence[torch.Tensor], cfg: MoEModelConfig) -> torch.Tensor:
@@ -112,3 +112,11 @@ def dense_mlp_rules(mlp: str) -> list[Rule]:
     return [gate_up(M + "mlp.linear_fc1.weight", mlp + "gate_proj.weight", mlp + "up_proj.weight",
                     layers="dense"),
             same(M + "mlp.linear_fc2.weight", mlp + "down_proj.weight", layers="dense")]
+
+
+def fused_expert_layout(fused: str, expert: str, gate: str = "gate_proj", up: str = "up_proj",
+                  down: str = "down_proj") -> tuple[FusedExperts, ...]:
+    """transformers v5's fused `[E, ...]` expert tensors under HF prefix `fused` (e.g.
+    H + "mlp.experts."), read as the per-expert tensors under prefix `expert`."""
+    return (FusedExperts(fused + "gate_up_proj", (f"{expert}{gate}.weight", f"{expert}{up}.weight")),
+            FusedExperts(fused + "down_proj", (f"{expert}{down}.weight",)))
