@@ -122,7 +122,8 @@ def test_valid_loss_reaches_tensorboard(runs):
 
 def test_evaluation_changes_no_training_number_and_no_bias(runs):
     (_, with_valid), (_, without) = runs["with"], runs["without"]
-    trained, plain = read_metrics(with_valid / "metrics.jsonl"), read_metrics(without / "metrics.jsonl")
+    trained = read_metrics(with_valid / "metrics.jsonl")
+    plain = read_metrics(without / "metrics.jsonl")
     timing = {"tokens_per_s", "step_time", "valid_loss", "valid_tokens"}
     for a, b in zip(trained, plain, strict=True):
         assert {k: v for k, v in a.items() if k not in timing} == \

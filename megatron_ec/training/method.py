@@ -47,7 +47,7 @@ def begin_phase(model, method: MethodState, source: MethodState, resumed: bool) 
     A fresh condenser phase fixes J per layer, first match wins: the layer's entry in
     `method.condensers` (checked: MoE layer, r ids, distinct, in range); else the starting
     checkpoint's condensers (J is fixed once chosen, METHODS.md s.3); else the r lowest-bias
-    experts (`moe.state.start_condenser_phase`). A partial `method.condensers` is therefore filled in.
+    experts (`moe.state.start_condenser_phase`). A partial `method.condensers` is thus filled in.
 
     Args:
         model: the unwrapped GPTModel.
