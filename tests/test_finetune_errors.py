@@ -50,3 +50,16 @@ def test_condenser_phase_needs_a_learned_bias(start):
     result = run_cli("megatron_ec.finetune", ["--config", str(cfg)])
     _assert_one_line_error(result, "selection bias is all zeros")
     assert not (root / "p2_out").exists()
+
+
+def test_malformed_validation_line_names_file_and_line(start):
+    checkpoint, data, root = start
+    lines = data.read_text().splitlines()[:8]
+    lines[4] = lines[4][:-5]  # truncated JSON on line 5
+    broken = root / "broken_valid.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    cfg = write_config(root / "valid.yaml", checkpoint, data, root / "valid_out",
+                       data={"valid": str(broken)})
+    result = run_cli("megatron_ec.finetune", ["--config", str(cfg)])
+    _assert_one_line_error(result, f"{broken}:5")
+    assert not (root / "valid_out").exists(), "a failed run must write nothing"

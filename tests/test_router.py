@@ -185,6 +185,38 @@ def _recording(routing, sink):
     return wrapped
 
 
+def test_partial_condenser_list_is_filled_from_the_bias():
+    from megatron_ec.training.method import begin_phase
+
+    method = MethodState(name="condenser", num_condensers=2, condensers={2: [0, 5]})
+    model, _ = build(method)
+    with_learned_bias(model)
+    chosen = begin_phase(model, method, MethodState(), resumed=False)
+    assert chosen.condensers == {1: [1, 3], 2: [0, 5]}  # layer 1 from the bias, layer 2 as listed
+    assert [r.condenser_ids.tolist() for r in state.ec_routers(model)] == [[1, 3], [0, 5]]
+    # The starting checkpoint's J is kept for unlisted layers (J is fixed once chosen).
+    source = MethodState(name="condenser", condensers={1: [2, 4], 2: [1, 3]})
+    carried = begin_phase(model, MethodState(name="condenser", condensers={2: [0, 5]}), source,
+                          resumed=False)
+    assert carried.condensers == {1: [2, 4], 2: [0, 5]}
+
+
+@pytest.mark.parametrize("listed, message", [
+    ({0: [1, 2]}, r"method.condensers\[0\]=\[1, 2\]: layer 0 is not a MoE layer"),
+    ({1: [1]}, r"lists 1 experts but method.num_condensers gives r=2"),
+    ({1: [1, 6]}, r"expert ids must be distinct and in \[0, 6\)"),
+    ({1: [3, 3]}, r"expert ids must be distinct"),
+])
+def test_listed_condensers_are_validated(listed, message):
+    from megatron_ec.training.method import begin_phase
+
+    method = MethodState(name="condenser", num_condensers=2, condensers=listed)
+    model, _ = build(method)
+    with_learned_bias(model)
+    with pytest.raises(ValueError, match=message):
+        begin_phase(model, method, MethodState(), resumed=False)
+
+
 def test_persistent_path_ablation_drops_the_forcing():
     method = MethodState(name="condenser", num_condensers=2)
     model, _ = build(method)

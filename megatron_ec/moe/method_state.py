@@ -42,7 +42,8 @@ class MethodState:
     """Chosen condensers: {layer index (0-based, all decoder layers): expert ids}. Empty until the
     condenser phase starts; then fixed for the rest of training, export and evaluation."""
     force_condensers: bool = True
-    """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation)."""
+    """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation). An
+    evaluation switch only: a training config with false is refused (it would train bias-only)."""
 
     def __post_init__(self) -> None:
         choices = {"name": METHODS, "condenser_mode": ("paper", "reference"),

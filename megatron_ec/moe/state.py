@@ -86,6 +86,23 @@ def start_condenser_phase(model: torch.nn.Module, method: MethodState) -> Method
     return method
 
 
+def check_listed_condensers(model: torch.nn.Module, method: MethodState) -> None:
+    """ValueError (one line, naming `method.condensers`) unless every listed layer is a MoE layer
+    of the model with exactly its r distinct expert ids in [0, E)."""
+    per_layer = _condensers_per_layer(model, method)
+    num_experts = ec_routers(model)[0].config.num_moe_experts if per_layer else 0
+    for layer, ids in sorted(method.condensers.items()):
+        where = f"method.condensers[{layer}]={ids}"
+        if layer not in per_layer:
+            raise ValueError(f"{where}: layer {layer} is not a MoE layer; the MoE layers are "
+                             f"{sorted(per_layer)} (0-based decoder layers)")
+        if len(ids) != per_layer[layer]:
+            raise ValueError(f"{where}: lists {len(ids)} experts but method.num_condensers gives "
+                             f"r={per_layer[layer]} for layer {layer}; list exactly r experts")
+        if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: expert ids must be distinct and in [0, {num_experts})")
+
+
 def apply_method_state(model: torch.nn.Module, method: MethodState) -> None:
     """Point every router at `method` and install its recorded condensers."""
     per_layer = _condensers_per_layer(model, method)

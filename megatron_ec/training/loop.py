@@ -10,7 +10,9 @@ Micro-batches with few answer tokens therefore weigh less than in a mean of per-
 Per optimizer step, in order: lr from the schedule; micro-batch forward/backward (gradient
 accumulation); `finalize_grads` (DP/EP reduction, sequence-parallel grads); optimizer (global-norm
 clipping + AdamW); the method's once-per-step bias update (`method.after_optimizer_step`);
-metrics; checkpoint every `output.save_interval` steps and at the end.
+validation on `data.valid` every `train.eval_interval` steps and at the end (`training.validation`:
+no gradient, no usage, no bias change); metrics; checkpoint every `output.save_interval` steps and
+at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from megatron_ec.models.builder import (
 )
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.moe.method_state import MethodState
-from megatron_ec.training import checkpoint, method as method_hooks
+from megatron_ec.training import checkpoint, method as method_hooks, validation
 from megatron_ec.training.config import FinetuneConfig
 from megatron_ec.training.distributed import finalize_grads, unwrap, wrap_ddp
 from megatron_ec.training.metrics import MetricsWriter
@@ -128,8 +130,9 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]]) -> dict[
 class Phase:
     """A phase assembled on this rank: model, optimizer, schedule, sampler, method state."""
 
-    def __init__(self, cfg: FinetuneConfig, start: StartPoint, dataset):
+    def __init__(self, cfg: FinetuneConfig, start: StartPoint, dataset, valid_dataset=None):
         self.cfg, self.start = cfg, start
+        self.valid_dataset = valid_dataset
         self.out = Path(cfg.output.dir)
         self.rank0 = dist.get_rank() == 0
         self.total = cfg.train.total_steps(len(dataset))
@@ -197,6 +200,10 @@ class Phase:
         self.ddp.train()
         for step in range(start_step, self.total):
             record = self._train_step(step)
+            if self._should_validate(record["step"]):
+                record.update(self.validate().record())
+                progress.message(f"[{self.method.name}] step {record['step']}: valid_loss "
+                                 f"{record['valid_loss']:.4f} ({record['valid_tokens']} tokens)")
             losses.append(record["loss"])
             metrics.write(record)
             progress.update(record["step"], loss=record["loss"], lr=record["lr"],
@@ -214,6 +221,19 @@ class Phase:
     def _should_save(self, step: int) -> bool:
         interval = self.cfg.output.save_interval
         return step == self.total or (interval > 0 and step % interval == 0)
+
+    def _should_validate(self, step: int) -> bool:
+        interval = self.cfg.train.eval_interval
+        return self.valid_dataset is not None and (
+            step == self.total or (bool(interval) and step % interval == 0))
+
+    def validate(self) -> validation.ValidationResult:
+        """The validation loss of the current weights (collective over data-parallel ranks)."""
+        from megatron.core import parallel_state as ps
+
+        return validation.evaluate(self.ddp, self.valid_dataset, self.cfg.train.micro_batch_size,
+                                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                                   ps.get_data_parallel_group())
 
     def _train_step(self, step: int) -> dict:
         began = time.monotonic()

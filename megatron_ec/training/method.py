@@ -44,6 +44,11 @@ def router_slots(model_cfg: MoEModelConfig, method: MethodState) -> int:
 def begin_phase(model, method: MethodState, source: MethodState, resumed: bool) -> MethodState:
     """The method state this run trains with, applied to `model` (weights already loaded).
 
+    A fresh condenser phase fixes J per layer, first match wins: the layer's entry in
+    `method.condensers` (checked: MoE layer, r ids, distinct, in range); else the starting
+    checkpoint's condensers (J is fixed once chosen, METHODS.md s.3); else the r lowest-bias
+    experts (`moe.state.start_condenser_phase`). A partial `method.condensers` is thus filled in.
+
     Args:
         model: the unwrapped GPTModel.
         method: the run's `method` section (or, when resuming, the state saved by this run).
@@ -51,16 +56,16 @@ def begin_phase(model, method: MethodState, source: MethodState, resumed: bool) 
         resumed: True when `method` comes from this run's own checkpoint.
     """
     state = _state_module()
-    if resumed or method.name != "condenser" or method.condensers:
+    if resumed or method.name != "condenser":
         state.apply_method_state(model, method)
         return method
-    if source.name == "condenser" and source.condensers:
-        # J is fixed once chosen (METHODS.md s.3): continuing a phase 2 keeps its condensers.
+    state.check_listed_condensers(model, method)
+    carried = source.condensers if source.name == "condenser" else {}
+    if set(carried) - set(method.condensers):
         logger.info("keeping the condensers of the starting checkpoint")
-        carried = MethodState.from_dict({**method.to_dict(), "condensers": source.condensers})
-        state.apply_method_state(model, carried)
-        return carried
-    return state.start_condenser_phase(model, method)
+    chosen = MethodState.from_dict({**method.to_dict(),
+                                    "condensers": {**carried, **method.condensers}})
+    return state.start_condenser_phase(model, chosen)
 
 
 def after_optimizer_step(model) -> None:
