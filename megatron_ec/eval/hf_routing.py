@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
 from megatron_ec.moe.method_state import MethodState
 
 ROUTING_FILE = "megatron_ec_routing.json"
@@ -61,11 +62,14 @@ def read_routing_file(hf_dir: str | Path) -> tuple[MethodState, dict[int, torch.
     return method, biases
 
 
-class RestoredGate(torch.nn.Module):
+class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
     """A family gate with `route()`'s selection: same weight, same (logits, weights, ids) output.
 
+    The selection bias stays fp32 through `model.to(torch.bfloat16)`, as in `ECRouter`.
     Shape legend: T tokens, E routed experts, K slots (k, or k + r in reference mode).
     """
+
+    fp32_buffers = ("selection_bias",)
 
     def __init__(self, weight: torch.nn.Parameter, routing_cfg, bias_E: torch.Tensor | None,
                  condensers: list[int] | None, fp32_weights: bool) -> None:
