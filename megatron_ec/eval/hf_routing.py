@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
 from megatron_ec.moe.method_state import MethodState
+from megatron_ec.textfile import read_json
 
 ROUTING_FILE = "megatron_ec_routing.json"
 FORMAT = "megatron_ec_routing/1"
@@ -49,8 +50,12 @@ def read_routing_file(hf_dir: str | Path) -> tuple[MethodState, dict[int, torch.
     path = Path(hf_dir) / ROUTING_FILE
     if not path.is_file():
         return None
+    fix = "re-export the checkpoint with checkpoint_convert export"
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, fix)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
+    try:
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
         method = MethodState.from_dict(data["method_state"])
