@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
 from megatron_ec.moe.method_state import MethodState
+from megatron_ec.textfile import read_json
 
 ROUTING_FILE = "megatron_ec_routing.json"
 FORMAT = "megatron_ec_routing/1"
@@ -48,8 +50,12 @@ def read_routing_file(hf_dir: str | Path) -> tuple[MethodState, dict[int, torch.
     path = Path(hf_dir) / ROUTING_FILE
     if not path.is_file():
         return None
+    fix = "re-export the checkpoint with checkpoint_convert export"
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, fix)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
+    try:
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
         method = MethodState.from_dict(data["method_state"])
@@ -61,11 +67,14 @@ def read_routing_file(hf_dir: str | Path) -> tuple[MethodState, dict[int, torch.
     return method, biases
 
 
-class RestoredGate(torch.nn.Module):
+class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
     """A family gate with `route()`'s selection: same weight, same (logits, weights, ids) output.
 
+    The selection bias stays fp32 through `model.to(torch.bfloat16)`, as in `ECRouter`.
     Shape legend: T tokens, E routed experts, K slots (k, or k + r in reference mode).
     """
+
+    fp32_buffers = ("selection_bias",)
 
     def __init__(self, weight: torch.nn.Parameter, routing_cfg, bias_E: torch.Tensor | None,
                  condensers: list[int] | None, fp32_weights: bool) -> None:

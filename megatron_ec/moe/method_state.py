@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_ec.textfile import read_json
+
 METHODS = ("sft", "bias", "condenser")
 METHOD_STATE_FILE = "method_state.json"
 
@@ -91,8 +93,6 @@ class MethodState:
     def load(cls, directory: str | Path) -> "MethodState":
         path = Path(directory) / METHOD_STATE_FILE
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(read_json(path, "restore the file from the checkpoint"))
         except FileNotFoundError:
             raise ValueError(f"{path}: missing; is {directory} a megatron_ec checkpoint?") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None

@@ -28,6 +28,7 @@ from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_a
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
 from megatron_ec.moe.method_state import MethodState
 from megatron_ec.moe.routing import (
     RoutingConfig,
@@ -38,12 +39,12 @@ from megatron_ec.moe.routing import (
     validate_condensers,
 )
 
-# Buffers that stay fp32 whatever the model is cast to.
-_FP32_BUFFERS = ("selection_bias", "usage_accum", "gate_accum")
 
-
-class ECRouter(TopKRouter):
+class ECRouter(KeepsFp32Buffers, TopKRouter):
     """Top-k router with the family's routing, bias routing, and condenser experts."""
+
+    fp32_buffers = ("selection_bias", "usage_accum", "gate_accum")
+    """Stay fp32 whatever the model is cast to; device moves still apply."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
                  routing_cfg: RoutingConfig, method: MethodState, slots: int) -> None:
@@ -71,15 +72,6 @@ class ECRouter(TopKRouter):
         ids = validate_condensers(ids, self.config.num_moe_experts, self.selection_bias.device)
         num_slots(self.routing_cfg, ids.numel())  # raises if r does not fit the mode
         self.condenser_ids = ids
-
-    def _apply(self, fn, recurse=True):
-        # Dtype casts (bf16 models, Float16Module) must not touch the fp32 routing state; device
-        # moves still apply.
-        kept = {name: self._buffers.pop(name) for name in _FP32_BUFFERS}
-        result = super()._apply(fn, recurse)
-        for name, buffer in kept.items():
-            self._buffers[name] = buffer.to(device=fn(buffer).device)
-        return result
 
     def _active_condensers(self) -> torch.Tensor | None:
         if self.method.name != "condenser" or not self.method.force_condensers:

@@ -261,8 +261,17 @@ class Phase:
         return path
 
 
+def _check_output_dir(out: Path) -> None:
+    """output.dir is a directory, or can be created as one (checked before anything runs)."""
+    ancestor = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if not ancestor.is_dir():
+        what = "is not a directory" if ancestor == out else f"cannot be created: {ancestor} is a file"
+        raise ValueError(f"output.dir={out} {what}; choose another output.dir")
+
+
 def find_start(cfg: FinetuneConfig) -> StartPoint:
     """Resolve `model.checkpoint` and look for this run's own checkpoint in `output.dir`."""
+    _check_output_dir(Path(cfg.output.dir))
     source = ckpt_dir.resolve(cfg.model.checkpoint)
     meta = ckpt_dir.read_model_meta(source)
     try:
