@@ -270,7 +270,8 @@ class MegatronAdam:
 
         state = self.inner.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
                                               metadata=self.SHARDING)
-        self.inner.load_state_dict(dist_checkpointing.load(state, str(Path(directory) / OPTIMIZER_DIR)))
+        source = str(Path(directory) / OPTIMIZER_DIR)
+        self.inner.load_state_dict(dist_checkpointing.load(state, source))
 
 
 def build_optimizer(ddp_model, cfg: TrainConfig) -> Optimizer:
