@@ -159,6 +159,19 @@ def group_survivors(pgid: int, grace: float = 3.0) -> list[int]:
         time.sleep(0.2)
 
 
+def selection_biases(iteration: Path) -> dict:
+    """{layer: selection bias} read from a torch_dist weights directory without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from megatron_ec.models import ckpt_dir
+
+    flat = iteration.parent / f"{iteration.name}_weights.pt"
+    dcp_to_torch_save(str(iteration / ckpt_dir.WEIGHTS), str(flat))
+    return {int(name.split(".")[2]): tensor for name, tensor in torch.load(flat).items()
+            if name.endswith("router.selection_bias")}
+
+
 DEMO_RECIPE = REPO / "examples" / "recipes" / "demo.yaml"
 
 

@@ -163,7 +163,8 @@ class Phase:
         dp_size = ps.get_data_parallel_world_size()
         self.sampler = BatchSampler(dataset, cfg.train.micro_batch_size,
                                     ps.get_data_parallel_rank(), dp_size, seed=cfg.data.seed,
-                                    shuffle=cfg.data.shuffle)
+                                    shuffle=cfg.data.shuffle,
+                                    global_batch_size=cfg.train.global_batch_size)
         self.accumulation = cfg.train.accumulation_steps(dp_size)
         t = cfg.train
         self.schedule = WarmupCosine.from_ratio(t.lr, self.total, t.warmup_ratio, t.min_lr_ratio)
