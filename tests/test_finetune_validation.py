@@ -12,7 +12,7 @@ import pytest
 from megatron_ec.training.metrics import read_metrics
 from tests.data_testing import alpaca_records, write_jsonl
 from tests.test_finetune_support import make_data, make_start_checkpoint, run_cli, write_config
-from tests.test_finetune_recipe import _selection_biases
+from tests.test_finetune_support import selection_biases
 
 STEPS = 5
 EVAL_INTERVAL = 2
@@ -130,8 +130,8 @@ def test_evaluation_changes_no_training_number_and_no_bias(runs):
                {k: v for k, v in b.items() if k not in timing}, a["step"]
     for step in VALIDATED_STEPS:  # the saved fp32 biases, bitwise
         name = f"iter_{step:07d}"
-        biased = _selection_biases(with_valid / name)
-        reference = _selection_biases(without / name)
+        biased = selection_biases(with_valid / name)
+        reference = selection_biases(without / name)
         assert biased.keys() == reference.keys() and biased
         for layer, bias in reference.items():
             assert bool((bias != 0).any()) and bool((biased[layer] == bias).all()), (step, layer)
