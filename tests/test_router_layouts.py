@@ -1,4 +1,5 @@
-"""Bias routing and condensers at TP2/EP2 reproduce TP1/EP1: loss, gradients and bias, 3 steps each.
+"""Bias routing and condensers at TP2/EP2 reproduce TP1/EP1: loss, gradients and bias, 3 steps each;
+and the usage of data-parallel ranks with different tokens sums to a single process's over their union.
 
 Floats are compared with the suite's scale-relative `FP32_LAYOUT` (tests/tolerance.py). Biases
 are compared bitwise, within a layout and across layouts; see `_assert_no_near_ties` for why that
@@ -7,6 +8,7 @@ is the contract here and not a machine-dependent bet.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_ec.models.builder import RuntimeOptions
@@ -15,7 +17,7 @@ from megatron_ec.models.layout import full_tensors, load_full_tensors
 from megatron_ec.moe import state
 from megatron_ec.moe.method_state import MethodState
 from megatron_ec.moe.router import ec_router_builder, num_router_slots
-from megatron_ec.parallel import ParallelConfig, init_parallel
+from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_parallel
 from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from tests.harness import run_on_ranks
 from tests.tiny import SEQ, build_tiny, forward_loss, tiny_batch, tiny_config
@@ -66,9 +68,51 @@ def _train(model, tcfg, steps: int):
     return losses, grads, usage
 
 
-def router_layouts_worker(tmp_dir):
-    """Per layout and phase: (losses, last grads, biases, condensers, usage); every rank."""
+DP_LAYOUTS = [(1, 1), (2, 2)]
+"""(TP, EP) on 4 ranks: data parallel 4, and 2 with tensor (sequence) parallel ranks inside."""
+DP_METHOD = MethodState(name="bias", gamma=GAMMA)
+
+
+def dp_batch(dp_rank: int) -> dict[str, torch.Tensor]:
+    """Data-parallel rank `dp_rank`'s tokens: different on every DP rank."""
+    return tiny_batch(seed=100 + dp_rank)
+
+
+def union_batch(dp_size: int) -> dict[str, torch.Tensor]:
+    batches = [dp_batch(r) for r in range(dp_size)]
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def _usage_and_bias(model, batch):
+    """One training forward (it counts usage), then the bias hook: ({layer: usage}, biases)."""
+    model.train()
+    forward_loss(model, batch)
+    state.bias_update_step(model)
+    return {r.layer_index: r.last_usage.clone() for r in state.ec_routers(model)}, \
+        state.selection_biases(model)
+
+
+def _dp_usage(tmp_dir) -> dict:
+    """{(TP, EP): (DP size, usage, biases)} with each DP rank routing its own `dp_batch`."""
+    from megatron.core import parallel_state
+
     results = {}
+    for tp, ep in DP_LAYOUTS:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+        init_parallel(parallel, seed=5)
+        model, _ = _build(parallel, MethodState.from_dict(DP_METHOD.to_dict()))
+        (save_model_weights if (tp, ep) == (1, 1) else load_model_weights)(
+            model, f"{tmp_dir}/dp_start")
+        batch = dp_batch(parallel_state.get_data_parallel_rank())
+        results[(tp, ep)] = (parallel_state.get_data_parallel_world_size(),
+                             *_usage_and_bias(model, batch))
+    return results
+
+
+def router_layouts_worker(tmp_dir):
+    """Per layout and phase: (losses, last grads, biases, condensers, usage), and under "dp"
+    the `_dp_usage` results; every rank."""
+    results = {"dp": _dp_usage(tmp_dir)}
     for (tp, ep), dispatcher in LAYOUTS:
         parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                   token_dispatcher=dispatcher)
@@ -106,9 +150,16 @@ def _assert_no_near_ties(usage_steps, where: str) -> None:
                 f"{gap:.2e} from the mean, a near tie (limit {limit:.2e})"
 
 
-def test_bias_and_condenser_phases_match_across_layouts(tmp_path):
-    per_rank = run_on_ranks(router_layouts_worker, world_size=4, args=(str(tmp_path),),
-                            timeout=600)
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """Both tests read one 4-rank launch: (per-rank results, its directory)."""
+    tmp_dir = tmp_path_factory.mktemp("router_layouts")
+    return run_on_ranks(router_layouts_worker, world_size=4, args=(str(tmp_dir),),
+                        timeout=600), tmp_dir
+
+
+def test_bias_and_condenser_phases_match_across_layouts(launch):
+    per_rank, _ = launch
     reference = per_rank[0]
     for index in range(len(PHASES)):
         ref_losses, ref_grads, ref_biases, ref_condensers, ref_usage = \
@@ -131,3 +182,33 @@ def test_bias_and_condenser_phases_match_across_layouts(tmp_path):
                     assert torch.equal(bias, ref_biases[layer]), f"{where}: bias of layer {layer}"
                     assert torch.equal(bias, per_rank[0][(*layout, index)][2][layer]), where
                 assert_all_close_scaled(grads, ref_grads, FP32_LAYOUT, f"{where}: grad")
+
+
+def _single_process_usage(ckpt_dir, batch):
+    """The reference: one process, TP1/EP1, the union of the DP ranks' batches."""
+    parallel = ParallelConfig()
+    init_parallel(parallel, seed=5)
+    try:
+        model, _ = _build(parallel, MethodState.from_dict(DP_METHOD.to_dict()))
+        load_model_weights(model, ckpt_dir)
+        return _usage_and_bias(model, batch)
+    finally:
+        shutdown_parallel()
+
+
+def test_usage_is_reduced_over_data_parallel_ranks(launch):
+    """Each DP rank routes different tokens; after `bias_update_step` every rank holds the usage
+    and bias of one process that routed them all (a missing DP reduction leaves each rank its
+    own share, and the bias follows the wrong signs)."""
+    per_rank, tmp_dir = launch
+    for layout in DP_LAYOUTS:
+        dp_size = per_rank[0]["dp"][layout][0]
+        ref_usage, ref_biases = _single_process_usage(f"{tmp_dir}/dp_start", union_batch(dp_size))
+        _assert_no_near_ties([ref_usage], f"union of {dp_size} DP batches")
+        assert any(b.abs().max() > 0 for b in ref_biases.values())
+        for rank, results in enumerate(per_rank):
+            _, usage, biases = results["dp"][layout]
+            where = f"(TP, EP) {layout}, DP {dp_size}, rank {rank}"
+            assert_all_close_scaled(usage, ref_usage, FP32_LAYOUT, f"{where}: usage")
+            for layer, bias in biases.items():
+                assert torch.equal(bias, ref_biases[layer]), f"{where}: bias of layer {layer}"
