@@ -42,7 +42,7 @@ class Tolerance:
 
 # Measured on this project's CPU box (tests/README.md has the margin table): the worst error of
 # every check, as a fraction of these limits, stays below 0.1 with 1 thread and with the default.
-FP32_LAYOUT = Tolerance("FP32_LAYOUT", rtol=1e-4, atol=1e-7)
+FP32_LAYOUT = Tolerance("FP32_LAYOUT", rtol=2e-5, atol=1e-7)
 """TP/EP/ETP layouts (and dispatchers) vs TP1/EP1, fp32, a few SGD steps: loss, gradients,
 usage, grad norm. Measured worst relative error ~2e-6 (grads after 3 steps); the issue's failure
 was 1.0e-5 absolute on a gradient of max 0.47, i.e. 2e-5 relative."""
