@@ -82,8 +82,9 @@ def test_scores_match_loop_oracle_over_real_tokens(score_function, norm_topk_pro
     token_E, gate_E = scores_from_sums(sums)
     want_token, want_gate = oracle_scores(logits, token_mask, score_function, norm_topk_prob,
                                           scaling_factor)
-    assert_close_scaled(token_E, torch.tensor(want_token, dtype=torch.float64), FP64_ORACLE, "ES-Token")
-    assert_close_scaled(gate_E, torch.tensor(want_gate, dtype=torch.float64), FP32_ORACLE, "ES-Gate")
+    f64 = torch.float64
+    assert_close_scaled(token_E, torch.tensor(want_token, dtype=f64), FP64_ORACLE, "ES-Token")
+    assert_close_scaled(gate_E, torch.tensor(want_gate, dtype=f64), FP32_ORACLE, "ES-Gate")
     assert float(token_E.sum()) == pytest.approx(1.0, abs=1e-15)
 
 
