@@ -160,3 +160,28 @@ def test_malformed_line_is_named_before_the_model_loads(tiny_dir, tmp_path, caps
                         str(tmp_path / "data"), "--out", str(out)], capsys)
     assert code == 2 and f"{path}:2: invalid JSON" in err
     assert not out.exists()
+
+
+def test_evaluate_an_export_of_a_converted_checkpoint(tiny_dir, tmp_path, capsys):
+    """import -> export (which records the template) -> evaluate == the naive loop on the export."""
+    from checkpoint_convert.__main__ import main as convert
+
+    from megatron_ec.data.templates import TEMPLATE_RECORD, recorded_template
+
+    ckpt, export = tmp_path / "ckpt", tmp_path / "export"
+    for argv in (["import", "--hf", tiny_dir, "--out", ckpt],
+                 ["export", "--ckpt", ckpt, "--out", export]):
+        assert convert([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert (export / TEMPLATE_RECORD).is_file()
+    assert recorded_template(export)["chat_template"] == "auto"  # imported: the default
+    write_tasks(tmp_path / "data", {"gsm8k": ["1", "2", "3"], "boolq": ["true", "false"]})
+    out = tmp_path / "r.json"
+    code, _, err = run(["--hf", str(export), "--tasks", "gsm8k", "--data-dir",
+                        str(tmp_path / "data"), "--out", str(out), "--limit", "2",
+                        "--max-new-tokens", str(MAX_NEW_TOKENS)], capsys)
+    assert code == 0, err
+    assert "recorded at export" in err
+    outputs = [json.loads(line)["output"] for line in out.with_suffix(".samples.jsonl")
+               .read_text().splitlines()]
+    assert "2 MoE layers with restored routing" in err  # the import kept the routing state
+    assert outputs == naive_outputs(str(export), QUESTIONS["gsm8k"][:2])

@@ -119,7 +119,8 @@ def record_training_template(checkpoint_iteration: str | Path, out_dir: str | Pa
     checkpoint without a tokenizer (nothing to render with) gets no record (returns None)."""
     from megatron_ec.models.ckpt_dir import TOKENIZER
 
-    if not (Path(checkpoint_iteration) / TOKENIZER).is_dir():
+    tokenizer_dir = Path(checkpoint_iteration) / TOKENIZER
+    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return None
     record = {"format": _RECORD_FORMAT, **training_template(checkpoint_iteration)}
     path = Path(out_dir) / TEMPLATE_RECORD
