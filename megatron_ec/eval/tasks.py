@@ -184,7 +184,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          layout="Question, Correct Answer, Incorrect Answer 1, 2, 3"),
     _commonsense("boolq", "boolq/test", ("true", "false")),
     _commonsense("piqa", "piqa/test", ("solution1", "solution2")),
-    _commonsense("siqa", "social_i_qa/test", _ANSWERS_5[:3]),
+    # LLM-Adapters parses SIQA (three options) with the five-label rule of ARC/OBQA; kept.
+    _commonsense("siqa", "social_i_qa/test", _ANSWERS_5),
     _commonsense("hellaswag", "hellaswag/test", tuple(f"ending{i}" for i in range(1, 5))),
     _commonsense("winogrande", "winogrande/test", ("option1", "option2")),
     _commonsense("arc_e", "ARC-Easy/test", _ANSWERS_5),
