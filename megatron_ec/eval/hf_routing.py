@@ -10,8 +10,9 @@ Megatron's logits. In reference mode a token gets k + r slots and the HF experts
 them. Method "sft" (or no file) leaves the model untouched.
 
 Block adapters are registered per HF `model_type`. In transformers 5.23 every supported family's
-MoE block calls `self.gate(hidden) -> (router_logits, weights [T, K], expert ids [T, K])` and
-hands the last two to its experts module, which accepts any K; one adapter swaps that gate.
+MoE block calls its router (`self.gate`; GPT-OSS: `self.router`, which also has a bias)
+`(hidden) -> (router_logits, weights [T, K], expert ids [T, K])` and hands the last two to its
+experts module, which accepts any K; one adapter swaps that router.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
     fp32_buffers = ("selection_bias",)
 
     def __init__(self, weight: torch.nn.Parameter, routing_cfg, bias_E: torch.Tensor | None,
-                 condensers: list[int] | None, fp32_weights: bool) -> None:
+                 condensers: list[int] | None, fp32_weights: bool,
+                 linear_bias: torch.nn.Parameter | None = None) -> None:
         super().__init__()
         self.weight = weight
+        self.bias = linear_bias
+        """The router's own (trained) linear bias (GPT-OSS), not the selection bias."""
         self.routing_cfg = routing_cfg
         self.fp32_weights = fp32_weights
         self.register_buffer("selection_bias", bias_E, persistent=False)
@@ -91,7 +95,8 @@ class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
 
         hidden_TH = hidden_states.reshape(-1, self.weight.shape[1])
         # Megatron's router computes the logits in fp32 (moe_router_dtype="fp32").
-        logits_TE = F.linear(hidden_TH.float(), self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        logits_TE = F.linear(hidden_TH.float(), self.weight.float(), bias)
         condensers = self.condenser_ids if self.condenser_ids.numel() else None
         probs_TE, routing_map_TE = route(logits_TE, self.routing_cfg, self.selection_bias,
                                          condensers)
@@ -121,8 +126,9 @@ class GateAdapter:
                 if type(layer.mlp).__name__ == self.block_class}
 
     def install(self, block: torch.nn.Module, routing_cfg, bias_E, condensers) -> None:
-        weight = getattr(block, self.gate_attr).weight
-        gate = RestoredGate(weight, routing_cfg, bias_E, condensers, self.fp32_weights)
+        router = getattr(block, self.gate_attr)
+        gate = RestoredGate(router.weight, routing_cfg, bias_E, condensers, self.fp32_weights,
+                            getattr(router, "bias", None))
         setattr(block, self.gate_attr, gate)
 
 
@@ -132,6 +138,8 @@ ADAPTERS: dict[str, GateAdapter] = {
     "mixtral": GateAdapter("MixtralSparseMoeBlock", fp32_weights=True),
     "olmoe": GateAdapter("OlmoeSparseMoeBlock"),
     "deepseek_v2": GateAdapter("DeepseekV2Moe", fp32_weights=True),
+    # GptOssTopKRouter: logits with its bias, scores softmaxed in the hidden dtype
+    "gpt_oss": GateAdapter("GptOssMLP", gate_attr="router"),
 }
 
 
