@@ -23,7 +23,6 @@ from checkpoint_convert.load import check_names, load_hf
 from checkpoint_convert.mapping import expand
 from checkpoint_convert.model import build_model, precision_for, set_routing_state
 from checkpoint_convert.outputs import check_output, copy_tokenizer, remove_all_but
-from megatron_ec.eval.hf_routing import read_routing_file
 from megatron_ec.models.ckpt_dir import (
     LATEST,
     TOKENIZER,
@@ -35,7 +34,8 @@ from megatron_ec.models.ckpt_dir import (
 )
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, get_family
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import Method, make_method
+from megatron_ec.moe.methods.saved import read_routing_file, save_method
 from megatron_ec.parallel import ParallelConfig
 
 
@@ -140,7 +140,7 @@ def _meta(family: Family, cfg: MoEModelConfig, hf_config, hf_dir: Path, dtype) -
     }
 
 
-def _write(model, root: Path, meta: dict, method: MethodState, hf_dir: Path,
+def _write(model, root: Path, meta: dict, method: Method, hf_dir: Path,
            overwrite: bool) -> Path:
     """Save through a staging directory; rank 0 writes the metadata and publishes."""
     from megatron_ec.models.dist_ckpt import save_model_weights
@@ -157,7 +157,7 @@ def _write(model, root: Path, meta: dict, method: MethodState, hf_dir: Path,
         save_model_weights(model, staging / WEIGHTS)
         if rank0:
             write_model_meta(staging, meta)
-            method.save(staging)
+            save_method(staging, method)
             copy_tokenizer(hf_dir, staging / TOKENIZER)
         dist.barrier()
         if rank0:
@@ -186,7 +186,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
     ckpt = HFCheckpoint(hf_dir, family)
     entries = expand(family, cfg)
     check_names(ckpt, entries, family)
-    method, biases = read_routing_file(hf_dir) or (MethodState(), None)
+    method, biases = read_routing_file(hf_dir) or (make_method("sft"), None)
     dtype = checkpoint_dtype(ckpt, [name for entry in entries for name in entry.hf])
 
     from megatron_ec.parallel import init_parallel

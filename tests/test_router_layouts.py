@@ -9,27 +9,25 @@ from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
 from megatron_ec.models.layout import full_tensors, load_full_tensors
 from megatron_ec.moe import state
-from megatron_ec.moe.method_state import MethodState
-from megatron_ec.moe.router import ec_router_builder, num_router_slots
+from megatron_ec.moe.methods import make_method
+from megatron_ec.moe.methods.saved import method_from_record, method_record
 from megatron_ec.parallel import ParallelConfig, init_parallel
 from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from tests.harness import run_on_ranks
-from tests.tiny import SEQ, build_tiny, forward_loss, tiny_batch, tiny_config
+from tests.tiny import SEQ, build_tiny, forward_loss, start_phase, tiny_batch, tiny_config
 
 GAMMA = 0.05  # large, so that three steps visibly change the routing of the tiny model
 LR = 0.5
 LAYOUTS = [((1, 1), "alltoall"), ((2, 2), "alltoall"), ((2, 2), "allgather")]
 PHASES = [
-    MethodState(name="bias", gamma=GAMMA),
-    MethodState(name="condenser", condenser_mode="paper", gamma=GAMMA, num_condensers=2),
-    MethodState(name="condenser", condenser_mode="reference", gamma=GAMMA, num_condensers=[1, 2]),
+    make_method("bias", gamma=GAMMA),
+    make_method("condenser", condenser_mode="paper", gamma=GAMMA, num_condensers=2),
+    make_method("condenser", condenser_mode="reference", gamma=GAMMA, num_condensers=[1, 2]),
 ]
 
 
 def _build(parallel, method):
-    model_cfg = tiny_config()
-    options = RuntimeOptions(seq_length=SEQ, num_router_slots=num_router_slots(model_cfg, method))
-    return build_tiny(parallel, model_cfg, options, ec_router_builder(model_cfg, method))
+    return build_tiny(parallel, tiny_config(), RuntimeOptions(seq_length=SEQ), method)
 
 
 def _train(model, tcfg, steps: int):
@@ -59,7 +57,7 @@ def router_layouts_worker(tmp_dir):
         init_parallel(parallel, seed=1234)
         weights, biases = None, None
         for index, phase in enumerate(PHASES):
-            method = MethodState.from_dict(phase.to_dict())
+            method = method_from_record(method_record(phase))  # a fresh copy per layout
             model, tcfg = _build(parallel, method)
             if weights is None:
                 (save_model_weights if (tp, ep) == (1, 1) else load_model_weights)(
@@ -67,10 +65,11 @@ def router_layouts_worker(tmp_dir):
             else:
                 load_full_tensors(model, weights)
                 state.load_selection_biases(model, biases)
-                state.start_condenser_phase(model, method)
+                start_phase(model, method)
             losses, grads = _train(model, tcfg, steps=3)
             weights, biases = full_tensors(model), state.selection_biases(model)
-            results[((tp, ep), dispatcher, index)] = (losses, grads, biases, dict(method.condensers))
+            condensers = dict(getattr(method.decisions, "condensers", {}))
+            results[((tp, ep), dispatcher, index)] = (losses, grads, biases, condensers)
     return results
 
 

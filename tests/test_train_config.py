@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_ec.recipe import Recipe
 from megatron_ec.training.config import FinetuneConfig, TrainConfig
 from megatron_ec.training.config_tree import ConfigError, apply_overrides, build
 from megatron_ec.training.progress import Progress
+from megatron_ec.training.recipe import Recipe
 from megatron_ec.training.schedule import WarmupCosine
 
 BASE = {"model": {"checkpoint": "ckpt"}, "data": {"train": "train.jsonl"},

@@ -1,0 +1,125 @@
+"""ExpertCondenser (METHODS.md s.3): bias routing plus r fixed, always-active condenser experts.
+
+Condensers J are the r lowest-bias experts of each MoE layer (ties to the lower id), chosen
+when the condenser phase starts from the bias learned in the bias phase (unless the user lists
+them), then fixed: recorded in the run's decisions, saved with every checkpoint, reused on
+resume, at export and in the HF restore.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_ec.moe import state as router_ops
+from megatron_ec.moe.methods.base import Decisions, MoEFacts, PhaseStart, layer_ids
+from megatron_ec.moe.methods.bias import BiasConfig, BiasRouting
+from megatron_ec.moe.methods.registry import register
+from megatron_ec.moe.routing import num_slots, select_condensers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CondenserConfig(BiasConfig):
+    """`method:` of the condenser phase (the ExpertCondenser recipe's phase 2)."""
+
+    name: str = "condenser"
+    num_condensers: int | list[int] = 2
+    """r per MoE layer: one int for all, or a list with one entry per MoE layer (0 disables)."""
+    condensers: dict[int, list[int]] = field(default_factory=dict)
+    """Condensers fixed by the user: {layer index (0-based, all decoder layers): expert ids}.
+    Layers not listed get the r lowest-bias experts when the phase starts."""
+    force_condensers: bool = True
+    """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "condensers", layer_ids(self.condensers))
+
+    def condensers_for(self, moe_layers: list[int] | tuple[int, ...]) -> dict[int, int]:
+        """r per MoE layer index, validated against the model's MoE layers."""
+        if isinstance(self.num_condensers, int):
+            return {layer: self.num_condensers for layer in moe_layers}
+        if len(self.num_condensers) != len(moe_layers):
+            raise ValueError(
+                f"method.num_condensers has {len(self.num_condensers)} entries but the model has "
+                f"{len(moe_layers)} MoE layers; give one r per MoE layer or a single int"
+            )
+        return dict(zip(moe_layers, self.num_condensers))
+
+
+@dataclass
+class CondenserDecisions(Decisions):
+    """What a condenser run decided."""
+
+    condensers: dict[int, list[int]] = field(default_factory=dict)
+    """J per MoE layer ({layer index: expert ids}); empty until the phase starts, fixed after."""
+
+    def __post_init__(self) -> None:
+        self.condensers = layer_ids(self.condensers)
+
+
+def _choose(router, r: int) -> list[int]:
+    """The r lowest-bias experts of one router (a pure function of the rank-identical bias)."""
+    bias = router.selection_bias
+    if r > 0 and not bool(bias.ne(0).any()):
+        raise ValueError(
+            f"layer {router.layer_index}: the selection bias is all zeros, so there is nothing "
+            "to choose condensers from; start the condenser phase from a bias-phase checkpoint "
+            "(method.name=bias) or list them in method.condensers"
+        )
+    return select_condensers(bias, r).tolist()
+
+
+@register
+class ExpertCondenser(BiasRouting):
+    """Bias routing with r condensers per layer forced into every token's selection."""
+
+    name = "condenser"
+    Config = CondenserConfig
+    Decisions = CondenserDecisions
+
+    def dispatcher_slots(self, facts: MoEFacts) -> int:
+        per_layer = self.config.condensers_for(facts.moe_layers)
+        return max(num_slots(self.routing(facts), r) for r in per_layer.values())
+
+    def begin_phase(self, start: PhaseStart) -> None:
+        """Keep decided condensers (resume), carry those of the start, or choose them."""
+        if not start.resumed and not self.decisions.condensers:
+            carried = start.source.decisions if isinstance(start.source, ExpertCondenser) else None
+            if carried is not None and carried.condensers and not self.config.condensers:
+                # J is fixed once chosen (METHODS.md s.3): continuing a phase 2 keeps its J.
+                logger.info("keeping the condensers of the starting checkpoint")
+                self.decisions.condensers = dict(carried.condensers)
+            else:
+                self.choose_condensers(start.model)
+        self.apply(start.model)
+
+    def choose_condensers(self, model: torch.nn.Module) -> None:
+        """Listed layers keep the user's experts; the others get their r lowest-bias experts."""
+        routers = router_ops.ec_routers(model)
+        per_layer = self.config.condensers_for([r.layer_index for r in routers])
+        for router in routers:
+            layer = router.layer_index
+            listed = self.config.condensers.get(layer)
+            self.decisions.condensers[layer] = (
+                list(listed) if listed is not None else _choose(router, per_layer[layer]))
+
+    def apply(self, model: torch.nn.Module) -> None:
+        routers = router_ops.ec_routers(model)
+        per_layer = self.config.condensers_for([r.layer_index for r in routers])
+        for router in routers:
+            ids = self.decisions.condensers.get(router.layer_index, [])
+            if len(ids) != per_layer[router.layer_index]:
+                raise ValueError(f"layer {router.layer_index}: method is 'condenser' with r="
+                                 f"{per_layer[router.layer_index]} but {len(ids)} condensers "
+                                 "are recorded; begin the condenser phase first")
+        super().apply(model)
+
+    def forced_condensers(self, layer: int) -> list[int]:
+        if not self.config.force_condensers:
+            return []
+        return list(self.decisions.condensers.get(layer, []))
