@@ -8,7 +8,6 @@ opened only with `torch.load(weights_only=True, mmap=True)`. Other on-disk spell
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.mapping import fill, pattern_regex
 from megatron_ec.models.family import Family
+from megatron_ec.textfile import TextFileError, read_json
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
               "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
@@ -198,7 +198,10 @@ def weight_files(hf_dir: Path) -> list[Path]:
 
 def _indexed_files(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
+    except TextFileError as err:
+        raise ConversionError(err.location, err.problem, "re-save the model or delete the index"
+                              ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConversionError(str(index), f"unreadable index ({err})",
                               "re-save the model or delete the index") from None

@@ -22,7 +22,12 @@ from checkpoint_convert.hf_checkpoint import HFCheckpoint
 from checkpoint_convert.load import check_names, load_hf
 from checkpoint_convert.mapping import expand
 from checkpoint_convert.model import build_model, precision_for, set_routing_state
-from checkpoint_convert.outputs import check_output, copy_tokenizer, remove_all_but
+from checkpoint_convert.outputs import (
+    check_input_dir,
+    check_output,
+    copy_tokenizer,
+    remove_all_but,
+)
 from megatron_ec.models.ckpt_dir import (
     LATEST,
     TOKENIZER,
@@ -37,6 +42,7 @@ from megatron_ec.models.family import Family, get_family
 from megatron_ec.moe.methods import Method, make_method
 from megatron_ec.moe.methods.saved import read_routing_file, save_method
 from megatron_ec.parallel import ParallelConfig
+from megatron_ec.textfile import TextFileError, read_json
 
 
 @dataclass(frozen=True)
@@ -67,14 +73,22 @@ def read_hf_config(hf_dir: Path):
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(str(path), "missing", "pass a directory written by save_pretrained")
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (ValueError, AttributeError) as err:
-        raise ConversionError(str(path), f"not a JSON object ({err})", "repair the file") from None
-    family = family_for(model_type, str(path))
+    config = read_json_file(path, "repair the file or re-save the model with save_pretrained")
+    if not isinstance(config, dict):
+        raise ConversionError(str(path), f"not a JSON object but a {type(config).__name__}",
+                              "repair the file or re-save the model with save_pretrained")
+    family = family_for(config.get("model_type"), str(path))
     from transformers import AutoConfig
 
     return family, AutoConfig.from_pretrained(hf_dir)
+
+
+def read_json_file(path: Path, fix: str):
+    """The JSON of a file; a ConversionError at `file:line` if it is not UTF-8 JSON."""
+    try:
+        return read_json(path, fix)
+    except TextFileError as err:
+        raise ConversionError(err.location, err.problem, err.fix) from None
 
 
 def model_config(family: Family, hf_config, where: str) -> MoEModelConfig:
@@ -128,15 +142,22 @@ def hf_config_dict(hf_config) -> dict:
     return data
 
 
-def _meta(family: Family, cfg: MoEModelConfig, hf_config, hf_dir: Path, dtype) -> dict:
+def read_generation_config(hf_dir: Path) -> dict | None:
     generation = hf_dir / "generation_config.json"
+    if not generation.is_file():
+        return None
+    return read_json_file(generation, "repair or delete the file")
+
+
+def _meta(family: Family, cfg: MoEModelConfig, hf_config, generation: dict | None,
+          dtype) -> dict:
     return {
         "family": family.model_type,
         "model_config": cfg.to_dict(),
         "hf_config": hf_config_dict(hf_config),
         "padded_vocab_size": cfg.padded_vocab_size,
         "hf_dtype": DTYPE_NAMES.get(dtype, "float32"),
-        "generation_config": json.loads(generation.read_text()) if generation.is_file() else None,
+        "generation_config": generation,
     }
 
 
@@ -179,10 +200,12 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
     Runs in one process or on every rank of a torchrun launch (each rank reads only its slices).
     """
     hf_dir, out = Path(hf_dir), Path(out)
+    check_input_dir(hf_dir, "--hf", "the HF model directory (save_pretrained layout)")
     check_output(out, overwrite)
     family, hf_config = read_hf_config(hf_dir)
     cfg = model_config(family, hf_config, str(hf_dir / "config.json"))
     check_layout(cfg, parallel)
+    generation = read_generation_config(hf_dir)
     ckpt = HFCheckpoint(hf_dir, family)
     entries = expand(family, cfg)
     check_names(ckpt, entries, family)
@@ -200,6 +223,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
         error = err
     _agree(error)
     set_routing_state(model, method, biases)
-    meta = _meta(family, cfg, hf_config, hf_dir, dtype)
+    meta = _meta(family, cfg, hf_config, generation, dtype)
     iteration = _write(model, out, meta, method, hf_dir, overwrite)
     return ImportReport(iteration, ckpt.bytes_read, ckpt.total_bytes())

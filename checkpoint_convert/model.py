@@ -19,6 +19,7 @@ from megatron_ec.models.family import Family, get_family
 from megatron_ec.moe.methods import Method
 from megatron_ec.moe.methods.saved import load_method
 from megatron_ec.parallel import ParallelConfig
+from megatron_ec.textfile import TextFileError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -65,6 +66,8 @@ def open_checkpoint(ckpt: str | Path) -> tuple[Path, dict, MoEModelConfig, Metho
         meta = read_model_meta(iteration)
         cfg = MoEModelConfig.from_dict(meta["model_config"])
         return iteration, meta, cfg, load_method(iteration)
+    except TextFileError as err:  # already `file:line: what; fix`
+        raise ConversionError(err.location, err.problem, err.fix) from None
     except ValueError as err:
         raise ConversionError.wrap(str(ckpt), err) from None
     except (KeyError, TypeError) as err:

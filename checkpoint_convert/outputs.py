@@ -1,4 +1,4 @@
-"""Output directories: refuse to clobber, write under a temporary name, publish only when complete.
+"""Input and output directories: inputs must exist; outputs: refuse to clobber, write under a temporary name, publish only when complete.
 
 On any error the partial output is deleted, and a directory the converter created is removed, so a
 failed run leaves nothing behind (with `--overwrite`, the previous output survives a failure).
@@ -18,8 +18,24 @@ TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 """Tokenizer files of an HF directory (copied at import, restored at export)."""
 
 
+def check_input_dir(path: Path, flag: str, what: str) -> None:
+    """Raise unless `path` (the value of `flag`) is an existing directory.
+
+    Checked before anything is loaded, so that a typo fails in a second with the flag named
+    (transformers would take a missing directory for a hub repo id).
+    """
+    if not path.exists():
+        raise ConversionError(str(path), "no such directory", f"pass {what} as {flag}")
+    if not path.is_dir():
+        raise ConversionError(str(path), "not a directory", f"pass {what} as {flag}")
+
+
 def check_output(out: Path, overwrite: bool) -> None:
-    """Raise unless `out` is absent, empty, or `overwrite` is set."""
+    """Raise unless `out` is absent (under a directory), empty, or `overwrite` is set."""
+    ancestor = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if ancestor != out and not ancestor.is_dir():
+        raise ConversionError(str(out), f"cannot be created: {ancestor} is not a directory",
+                              "choose another output path")
     if out.exists() and not out.is_dir():
         raise ConversionError(str(out), "exists and is not a directory",
                               "choose another output path")

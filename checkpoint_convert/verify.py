@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from checkpoint_convert.errors import ConversionError
-from checkpoint_convert.model import load_megatron
+from checkpoint_convert.model import load_megatron, open_checkpoint
+from checkpoint_convert.outputs import check_input_dir
 from megatron_ec.parallel import ParallelConfig
 
 
@@ -51,9 +52,17 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def verify(hf_dir: str | Path, ckpt: str | Path, batch: int = 2, seq_len: int = 32,
            seed: int = 0) -> float:
-    """Max |HF logits - Megatron logits| over a random batch (vocab padding trimmed)."""
+    """Max |HF logits - Megatron logits| over a random batch (vocab padding trimmed).
+
+    Both paths are checked before anything is loaded: a missing `hf_dir` would otherwise reach
+    transformers, which takes it for a hub repo id.
+    """
+    from checkpoint_convert.importer import read_hf_config
     from megatron_ec.parallel import init_parallel
 
+    check_input_dir(Path(hf_dir), "--hf", "the HF model directory to compare with")
+    read_hf_config(Path(hf_dir))  # config.json present, JSON, of a supported family
+    open_checkpoint(ckpt)
     init_parallel(ParallelConfig(), seed=0)
     model, meta, cfg = load_megatron(ckpt)
     seq_len = min(seq_len, cfg.max_position_embeddings)

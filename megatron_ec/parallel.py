@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ec.compat import apply_cpu_compat
+from megatron_ec.compat import apply_cpu_compat, patch_sync_save_queue
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def init_parallel(cfg: ParallelConfig, seed: int, timeout_minutes: int = 30) -> 
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         apply_cpu_compat()
+    patch_sync_save_queue()  # no manager process to outlive a killed trainer
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_ec.compat import CompatError, SequenceParallelTorchNorm, apply_cpu_compat
-from megatron_ec.compat import cpu_gloo
+from megatron_ec.compat import cpu_gloo, sync_save
 from tests.harness import run_on_ranks
 
 # (patch, module whose symbol it replaces, symbol)
@@ -23,6 +23,8 @@ PATCH_TARGETS = [
      "maybe_move_tensor_to_cpu"),
     (cpu_gloo.patch_uneven_collectives, "megatron.core.tensor_parallel.mappings",
      "_gather_along_first_dim"),
+    (sync_save.patch_sync_save_queue, sync_save._FILESYSTEM_ASYNC, "get_write_results_queue"),
+    (sync_save.patch_sync_save_queue, sync_save._TORCH_STRATEGY, "TorchDistSaveShardedStrategy"),
 ]
 
 
@@ -128,3 +130,22 @@ def test_uneven_gather_and_reduce_scatter_on_gloo():
     for rank, (gathered, scattered) in enumerate(results):
         assert torch.equal(gathered, expected_gather)
         assert torch.equal(scattered, total[:3] if rank == 0 else total[3:])
+
+
+def test_sync_save_starts_no_manager_process(tmp_path):
+    """A torch_dist save leaves no child process behind to outlive a killed trainer."""
+    import psutil
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_ec.parallel import ParallelConfig, init_parallel
+
+    init_parallel(ParallelConfig(), seed=1)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    weight = torch.arange(6, dtype=torch.float32)
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", weight)}, str(tmp_path))
+    started = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert not started, f"dist_checkpointing.save started processes {started}"
+    loaded = dist_checkpointing.load(
+        {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(6))}, str(tmp_path))
+    assert torch.equal(loaded["w"], weight)

@@ -124,3 +124,29 @@ def test_sft_state_leaves_the_model_unchanged(tmp_path):
     write_routing_file(hf_dir, make_method("sft"), {0: torch.ones(6), 1: torch.ones(6)})
     gate = model.model.layers[0].mlp.gate
     assert restore_condenser_routing(model, hf_dir) == 0 and model.model.layers[0].mlp.gate is gate
+
+
+def test_restored_bias_stays_fp32_in_a_bf16_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ec.eval.hf_routing import write_routing_file
+    from megatron_ec.moe.routing import route
+
+    hf_dir = make_tiny_hf("qwen2_moe", tmp_path / "hf")
+    # Steps of 5e-5 around 0.1: bf16 would round them away.
+    bias = torch.tensor([0.10005, -0.1, 0.10010, 0.0, -0.10005, 0.10015])
+    method = make_method("bias")
+    write_routing_file(hf_dir, method, {1: bias, 2: bias})
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    assert restore_condenser_routing(model, hf_dir) == 2
+    model.to(torch.bfloat16)
+    gate = model.model.layers[1].mlp.gate
+    assert gate.selection_bias.dtype == torch.float32 and torch.equal(gate.selection_bias, bias)
+    assert gate.weight.dtype == torch.bfloat16
+    hidden = torch.randn(7, 64).to(torch.bfloat16)
+    _, weights, ids = gate(hidden)
+    logits = torch.nn.functional.linear(hidden.float(), gate.weight.float())
+    probs, routing_map = route(logits, gate.routing_cfg, bias)
+    assert torch.equal(ids, routing_map.nonzero()[:, 1].view(7, -1))
+    assert torch.equal(weights, probs.gather(1, ids).to(torch.bfloat16))
+    assert model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.dtype == torch.bfloat16

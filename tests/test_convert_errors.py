@@ -1,4 +1,5 @@
-"""User errors through the real CLI (subprocesses, run concurrently): one line on stderr,
+"""User errors through the real CLI (subprocesses, run concurrently; the cases that fail before
+Megatron-Core starts run in-process): one line on stderr,
 `checkpoint_convert: error: <where>: <what>; <fix>`, exit 2, no traceback, nothing written."""
 
 from __future__ import annotations
@@ -152,3 +153,90 @@ def test_verify_above_tolerance_exits_1(base, tmp_path, capsys):
     assert main(["verify", "--hf", str(other), "--ckpt", str(tmp_path / "ckpt")]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("max_abs_logit_diff=") and float(last.split("=")[1]) > 1e-2
+
+
+# Path and decode errors, all caught before anything is loaded: (case -> argv, expected message).
+# {base}: the tiny HF model; {ckpt}: its import; {tmp}: a scratch directory for the case.
+_NOT_UTF8 = b"\xff\xfe not UTF-8"
+
+
+def _hf_with(base: Path, case: Path, name: str, content: bytes) -> Path:
+    hf = _copy(base, case / "hf")
+    (hf / name).write_bytes(content)
+    return hf
+
+
+def _safetensors_with_header(base: Path, case: Path, header: bytes) -> Path:
+    hf = _copy(base, case / "hf")
+    (hf / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return hf
+
+
+EARLY_CASES = {
+    "verify_missing_hf": (lambda b, c, k: ["verify", "--hf", c / "MISSING", "--ckpt", k],
+                          "MISSING: no such directory; pass the HF model directory to compare "
+                          "with as --hf"),
+    "verify_missing_ckpt": (lambda b, c, k: ["verify", "--hf", b, "--ckpt", c / "MISSING"],
+                            "MISSING: no such checkpoint directory"),
+    "import_missing_hf": (lambda b, c, k: ["import", "--hf", c / "MISSING", "--out", c / "out"],
+                          "MISSING: no such directory; pass the HF model directory"),
+    "import_hf_is_a_file": (lambda b, c, k: ["import", "--hf", b / "config.json",
+                                             "--out", c / "out"], "config.json: not a directory"),
+    "import_out_under_a_file": (lambda b, c, k: ["import", "--hf", b, "--out",
+                                                 b / "config.json" / "out"],
+                                "cannot be created: " + "{base}/config.json is not a directory"),
+    "export_missing_ckpt": (lambda b, c, k: ["export", "--ckpt", c / "MISSING", "--out", c / "out"],
+                            "MISSING: no such checkpoint directory"),
+    "export_ckpt_is_a_file": (lambda b, c, k: ["export", "--ckpt", k / "latest", "--out",
+                                               c / "out"], "latest: not a directory"),
+    "config_json_not_utf8": (lambda b, c, k: ["import", "--hf", _hf_with(b, c, "config.json",
+                                                                         _NOT_UTF8),
+                                              "--out", c / "out"],
+                             "config.json:1: not UTF-8 text (byte 0xff at column 1)"),
+    "config_json_invalid": (lambda b, c, k: ["import", "--hf", _hf_with(b, c, "config.json",
+                                                                        b'{\n"model_type": \n'),
+                                             "--out", c / "out"],
+                            "config.json:3: invalid JSON (Expecting value)"),
+    "index_not_utf8": (lambda b, c, k: ["import", "--hf", _hf_with(
+        b, c, "model.safetensors.index.json", b'{"weight_map":\n\xff}'), "--out", c / "out"],
+        "model.safetensors.index.json:2: not UTF-8 text"),
+    "routing_file_not_utf8": (lambda b, c, k: ["import", "--hf", _hf_with(
+        b, c, "megatron_ec_routing.json", _NOT_UTF8), "--out", c / "out"],
+        "megatron_ec_routing.json:1: not UTF-8 text"),
+    "safetensors_header_not_utf8": (lambda b, c, k: ["import", "--hf", _safetensors_with_header(
+        b, c, b'{"\xff": 1}'), "--out", c / "out"], "model.safetensors: corrupt safetensors file"),
+    "safetensors_header_invalid_json": (lambda b, c, k: ["import", "--hf",
+                                                         _safetensors_with_header(b, c, b"{[}"),
+                                                         "--out", c / "out"],
+                                        "model.safetensors: corrupt safetensors file"),
+    "model_json_not_utf8": (lambda b, c, k: ["export", "--ckpt", _ckpt_with_meta(k, c, _NOT_UTF8),
+                                             "--out", c / "out"],
+                            "model.json:1: not UTF-8 text"),
+}
+
+
+def _ckpt_with_meta(ckpt: Path, case: Path, content: bytes) -> Path:
+    iteration = _copy(ckpt / (ckpt / "latest").read_text().strip(), case / "iter")
+    (iteration / "model.json").write_bytes(content)
+    return iteration
+
+
+@pytest.fixture(scope="module")
+def imported(base, tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("imported") / "ckpt"
+    assert main(["import", "--hf", str(base), "--out", str(ckpt)]) == 0
+    return ckpt
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_CASES))
+def test_path_and_decode_errors_fail_first_in_one_line(case, base, imported, tmp_path, capsys):
+    build, expected = EARLY_CASES[case]
+    argv = [str(a) for a in build(base, tmp_path, imported)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("checkpoint_convert: error: "), captured.err
+    assert expected.format(base=base) in lines[0], lines[0]
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "out").exists()

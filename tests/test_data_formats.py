@@ -41,6 +41,41 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     assert message.endswith("fix or remove the line") and "\n" not in message
 
 
+_GOOD = json.dumps(RECORDS[0]).encode()
+
+# (file name, bytes, the start of the one-line message; {path} is the file)
+BAD_FILES = {
+    "non_utf8_jsonl_first_byte": ("train.jsonl", b"\xff" + _GOOD + b"\n",
+                                  "{path}:1: not UTF-8 text (byte 0xff at column 1)"),
+    "non_utf8_jsonl_line_3": ("train.jsonl", _GOOD + b"\n" + _GOOD + b'\n{"output": "caf\xe9"}\n',
+                              "{path}:3: not UTF-8 text (byte 0xe9 at column 16)"),
+    "non_utf8_json_array": ("train.json", b"[\n" + _GOOD + b",\n\x80]\n",
+                            "{path}:3: not UTF-8 text (byte 0x80 at column 1)"),
+    "invalid_json_array": ("train.json", b"[\n" + _GOOD + b"\n" + _GOOD + b"]\n",
+                           "{path}:3: invalid JSON (Expecting ',' delimiter)"),
+    "corrupt_parquet": ("train.parquet", b"PAR1 not really parquet",
+                        "{path}: unreadable Parquet file (Parquet magic bytes not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_undecodable_or_corrupt_data_files_name_file_and_line(case, tmp_path):
+    name, content, expected = BAD_FILES[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        list(read_records(str(path)))
+    message = str(error.value)
+    assert message.startswith(expected.format(path=path)), message
+    assert "\n" not in message and "; " in message  # one line, with the fix
+
+
+def test_byte_order_mark_is_tolerated(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _GOOD + b"\n")
+    assert [r.fields for r in read_records(str(path))] == [RECORDS[0]]
+
+
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('[1, 2]\n')

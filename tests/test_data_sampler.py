@@ -72,6 +72,10 @@ def test_resume_with_other_seed_is_refused(dataset):
 def test_too_few_rows_for_a_global_batch(dataset):
     with pytest.raises(ValueError, match="only 23 sequences"):
         BatchSampler(dataset, 8, dp_rank=0, dp_size=3)
+    with pytest.raises(ValueError, match="only 23 sequences for a global batch of 24"):
+        BatchSampler(dataset, 2, global_batch_size=24)
+    with pytest.raises(ValueError, match="not a multiple"):
+        BatchSampler(dataset, 2, dp_size=2, global_batch_size=6)
     with pytest.raises(ValueError, match="dp_rank"):
         BatchSampler(dataset, 1, dp_rank=2, dp_size=2)
 
@@ -91,3 +95,27 @@ def test_eval_batches_cover_every_row_once(dataset):
     expected = torch.stack([dataset[i]["tokens"] for i in range(len(dataset))])
     assert torch.equal(torch.stack(sorted(seen, key=lambda t: t.tolist())),
                        torch.stack(sorted(expected, key=lambda t: t.tolist())))
+
+
+
+def _step_rows(samplers, accumulation) -> list[int]:
+    """The rows of one optimizer step over all data-parallel ranks, in global order."""
+    return [row for _ in range(accumulation) for s in samplers for row in s.next_row_indices()]
+
+
+def test_every_data_parallel_size_sees_the_same_global_batches_and_resumes_across(dataset):
+    global_batch = 4  # 23 rows: 5 steps per epoch at any data-parallel size, 3 rows skipped
+    accumulation = {1: 2, 2: 1, 4: 1}
+    layouts = {dp: [BatchSampler(dataset, global_batch // dp // accumulation[dp], rank, dp,
+                                 seed=2, global_batch_size=global_batch) for rank in range(dp)]
+               for dp in accumulation}
+    steps = [[_step_rows(layouts[dp], accumulation[dp]) for _ in range(12)] for dp in layouts]
+    assert steps[0] == steps[1] == steps[2]
+    assert all(len(set(rows)) == global_batch for rows in steps[0])
+    assert layouts[1][0].epoch == 2  # two whole epochs of 5 steps, then 2 steps of the third
+    resumed = [BatchSampler(dataset, 2, rank, 2, seed=2, global_batch_size=global_batch)
+               for rank in range(2)]
+    for sampler in resumed:
+        sampler.load_state_dict(layouts[1][0].state_dict())  # saved at DP1, resumed at DP2
+    expected = [_step_rows(layouts[1], 2) for _ in range(4)]
+    assert [_step_rows(resumed, 1) for _ in range(4)] == expected

@@ -108,3 +108,28 @@ def test_load_tokenizer_reads_a_bare_sentencepiece_model(tiny_model_dir, tmp_pat
     assert tokenizer.eos_token == "</s>"
     with pytest.raises(ValueError, match="no tokenizer.json or tokenizer.model"):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_tokenizer_corpus_errors_name_file_and_line(tmp_path):
+    from tools.make_tiny_model import corpus_lines
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"a": "ok"}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"{corpus}:2: not UTF-8 text \(byte 0xe9"):
+        list(corpus_lines([str(corpus)]))
+    corpus.write_bytes(b'{"a": "ok"}\n{"a": \n')
+    with pytest.raises(ValueError, match=rf"{corpus}:2: invalid JSON"):
+        list(corpus_lines([str(corpus)]))
+
+
+def test_demo_eval_checks_its_paths_first(tmp_path, capsys):
+    from megatron_ec.eval.demo_eval import main
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_bytes(b'{"instruction": "x", "answer": "1"}\n\xff\n')
+    assert main(["--hf", str(tmp_path / "MISSING"), "--heldout", str(heldout)]) == 2
+    assert "MISSING: not an HF model directory" in capsys.readouterr().err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert main(["--hf", str(tmp_path / "hf"), "--heldout", str(heldout)]) == 2
+    assert f"{heldout}:2: not UTF-8 text" in capsys.readouterr().err

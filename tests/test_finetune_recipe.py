@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from megatron_ec.models import ckpt_dir
 from megatron_ec.moe.methods.saved import load_method
 from megatron_ec.moe.routing import select_condensers
 from megatron_ec.training.metrics import read_metrics
-from tests.test_finetune_support import DEMO_RECIPE, demo_overrides, demo_start, run_cli  # noqa: F401
+from tests.test_finetune_support import (  # noqa: F401
+    DEMO_RECIPE,
+    demo_overrides,
+    demo_start,
+    run_cli,
+    selection_biases,
+)
 
 STEPS = 4
-
-
-def _selection_biases(iteration) -> dict[int, torch.Tensor]:
-    """{layer: bias} read from a torch_dist weights directory without a process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    flat = iteration.parent / f"{iteration.name}_weights.pt"
-    dcp_to_torch_save(str(iteration / ckpt_dir.WEIGHTS), str(flat))
-    return {int(name.split(".")[2]): tensor for name, tensor in torch.load(flat).items()
-            if name.endswith("router.selection_bias")}
 
 
 def test_two_phases_chain_export_and_rerun(demo_start, tmp_path):  # noqa: F811
@@ -37,7 +31,7 @@ def test_two_phases_chain_export_and_rerun(demo_start, tmp_path):  # noqa: F811
     assert [r["phase"] for r in phase1 + phase2] == ["bias"] * STEPS + ["condenser"] * STEPS
     assert phase1[-1]["loss"] < phase1[0]["loss"]
     # Phase 2's condensers are the two lowest-bias experts of phase 1's final bias, fixed.
-    biases = _selection_biases(ckpt_dir.latest_iteration(tmp_path / "phase1"))
+    biases = selection_biases(ckpt_dir.latest_iteration(tmp_path / "phase1"))
     chosen = load_method(ckpt_dir.latest_iteration(tmp_path / "phase2")).decisions.condensers
     assert chosen == {layer: select_condensers(bias, 2).tolist() for layer, bias in biases.items()}
     for record in phase2:

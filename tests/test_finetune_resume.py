@@ -1,4 +1,5 @@
-"""SIGKILL mid-training and during a checkpoint save, then resume: the run continues identically."""
+"""SIGKILL mid-training and during a checkpoint save, then resume: the run continues identically,
+and no process of the killed trainer's process group survives it."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def test_sigkill_and_killed_save_resume_identically(start):
     killed = run_cli("megatron_ec.finetune", ["--config", str(cfg)],
                      MEGATRON_EC_FAULT="kill_after_step:3")
     assert killed.returncode == -signal.SIGKILL
+    assert killed.survivors == [], "a process of the killed trainer's group outlived it"
     assert ckpt_dir.latest_iteration(out).name == "iter_0000002"
     assert len(read_metrics(out / "metrics.jsonl")) == 3  # step 3 logged, not checkpointed
 
@@ -53,6 +55,7 @@ def test_sigkill_and_killed_save_resume_identically(start):
     killed = run_cli("megatron_ec.finetune", ["--config", str(cfg)],
                      MEGATRON_EC_FAULT="kill_in_save:4")
     assert killed.returncode == -signal.SIGKILL
+    assert killed.survivors == [], "a process of the trainer killed in a save outlived it"
     assert ckpt_dir.latest_iteration(out).name == "iter_0000002"
     partial = ckpt_dir.staging_dir(out, 4)
     assert (partial / ckpt_dir.WEIGHTS).is_dir() and not (out / "iter_0000004").exists()

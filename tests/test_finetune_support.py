@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -103,9 +104,9 @@ def run_cli(module: str, args: list[str], nproc: int = 1, timeout: float = 300,
             **env: str) -> subprocess.CompletedProcess:
     """`python -m module args` (nproc == 1) or the same under torchrun, in its own session.
 
-    A SIGKILLed trainer leaves Megatron's checkpoint-writer multiprocessing manager orphaned (it
-    holds the output pipes open), so output goes to files and the whole process group is killed
-    once the main process has exited.
+    The result's `survivors` lists the processes of the launch's process group still alive (not
+    zombies) a few seconds after the main process ended, e.g. an orphaned helper of a SIGKILLed
+    trainer; they are then killed, and output goes to files so that none can hold a pipe open.
     """
     if nproc == 1:
         cmd = [PYTHON, "-m", module, *args]
@@ -115,8 +116,10 @@ def run_cli(module: str, args: list[str], nproc: int = 1, timeout: float = 300,
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=out, stderr=err,
                                 text=True, start_new_session=True)
+        survivors = []
         try:
             proc.wait(timeout=timeout)
+            survivors = group_survivors(proc.pid)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -125,7 +128,42 @@ def run_cli(module: str, args: list[str], nproc: int = 1, timeout: float = 300,
             proc.wait()
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        result.survivors = survivors
+        return result
+
+
+def group_survivors(pgid: int, grace: float = 3.0) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid` after up to `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path("/proc", entry, "stat").read_text()
+            except OSError:
+                continue
+            state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+            if int(pgrp) == pgid and state != "Z":
+                alive.append(int(entry))
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def selection_biases(iteration: Path) -> dict:
+    """{layer: selection bias} read from a torch_dist weights directory without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from megatron_ec.models import ckpt_dir
+
+    flat = iteration.parent / f"{iteration.name}_weights.pt"
+    dcp_to_torch_save(str(iteration / ckpt_dir.WEIGHTS), str(flat))
+    return {int(name.split(".")[2]): tensor for name, tensor in torch.load(flat).items()
+            if name.endswith("router.selection_bias")}
 
 
 DEMO_RECIPE = REPO / "examples" / "recipes" / "demo.yaml"

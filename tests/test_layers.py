@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("compat", ("megatron_ec.compat",)),
+    ("compat", ("megatron_ec.compat", "megatron_ec.textfile")),  # adapters to the outside world
     ("parallel", ("megatron_ec.parallel",)),
     ("moe", ("megatron_ec.moe",)),
     ("models", ("megatron_ec.models",)),

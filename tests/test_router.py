@@ -183,23 +183,82 @@ def _recording(routing, sink):
     return wrapped
 
 
-def test_persistent_path_ablation_drops_the_forcing():
-    method = make_method("condenser", num_condensers=2)
+def test_partial_condenser_list_is_filled_from_the_bias():
+    method = make_method("condenser", num_condensers=2, condensers={2: [0, 5]})
+    model, _ = build(method)
+    with_learned_bias(model)
+    chosen = start_phase(model, method)
+    assert chosen.decisions.condensers == {1: [1, 3], 2: [0, 5]}  # layer 1 from the bias, 2 listed
+    assert [r.condenser_ids.tolist() for r in state.ec_routers(model)] == [[1, 3], [0, 5]]
+    # The starting checkpoint's J is kept for unlisted layers (J is fixed once chosen).
+    source = make_method("condenser", decisions={"condensers": {1: [2, 4], 2: [1, 3]}})
+    carried = start_phase(model, make_method("condenser", condensers={2: [0, 5]}), source)
+    assert carried.decisions.condensers == {1: [2, 4], 2: [0, 5]}
+
+
+@pytest.mark.parametrize("listed, message", [
+    ({0: [1, 2]}, r"method.condensers\[0\]=\[1, 2\]: layer 0 is not a MoE layer"),
+    ({1: [1]}, r"lists 1 experts but method.num_condensers gives r=2"),
+    ({1: [1, 6]}, r"expert ids must be distinct and in \[0, 6\)"),
+    ({1: [3, 3]}, r"expert ids must be distinct"),
+])
+def test_listed_condensers_are_validated(listed, message):
+    method = make_method("condenser", num_condensers=2, condensers=listed)
+    model, _ = build(method)
+    with_learned_bias(model)
+    with pytest.raises(ValueError, match=message):
+        start_phase(model, method)
+
+
+def _recording_logits(router, sink):
+    routing = router.routing
+
+    def wrapped(logits, padding_mask=None):
+        probs, routing_map = routing(logits, padding_mask)
+        sink.append((logits.detach().reshape(-1, logits.shape[-1]), probs, routing_map))
+        return probs, routing_map
+    router.routing = wrapped
+
+
+@pytest.mark.parametrize("mode", ["paper", "reference"])
+def test_persistent_path_ablation_is_plain_biased_topk(mode):
+    """Paper Sec. 6.3: without the forcing, layer routing = top-k of s + b, nothing else changed."""
+    method = make_method("condenser", condenser_mode=mode, num_condensers=2)
     model, _ = build(method)
     with_learned_bias(model)
     start_phase(model, method)
-    maps = []
-    for router in state.ec_routers(model):
-        router.routing = _recording(router.routing, maps)
+    router = state.ec_routers(model)[1]  # layer 2, condensers [1, 3]
+    cfg, bias_E = router.routing_cfg, router.selection_bias.clone()
+    assert cfg.score_function == "softmax" and cfg.scaling_factor == 1.0  # the oracle below
+    records = []
+    _recording_logits(router, records)
     model.eval()
+    ablated = dataclasses.replace(method.config, force_condensers=False)
+    build_method(ablated, method.decisions).apply(model)
     with torch.no_grad():
         forward_loss(model, tiny_batch())
-        ablated = dataclasses.replace(method.config, force_condensers=False)
-        build_method(ablated, method.decisions).apply(model)
-        forward_loss(model, tiny_batch())
-    forced, free = maps[0], maps[2]  # layer 1, with and without forcing
-    assert bool(forced[:, [1, 3]].all())
-    assert not bool(free[:, [1, 3]].all()), "without forcing the condensers are ordinary experts"
+    (logits_TE, probs_TE, routing_map_TE), = records
+    assert torch.equal(router.selection_bias, bias_E)
+
+    # Independent oracle: plain top-k on the biased logits, gates from softmax of the unbiased
+    # (paper) or biased (reference) logits, renormalised over the k experts iff the family does.
+    k = cfg.topk
+    ids_TK = torch.topk(logits_TE + bias_E, k, dim=-1).indices
+    assert not torch.equal(ids_TK.sort(-1).values,
+                           torch.topk(logits_TE, k, dim=-1).indices.sort(-1).values), \
+        "the bias must change some selections, or the test cannot see it applied"
+    gate_logits_TE = logits_TE + bias_E if mode == "reference" else logits_TE
+    gates_TK = torch.softmax(gate_logits_TE, dim=-1).gather(1, ids_TK)
+    if cfg.norm_topk_prob:
+        gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+    expected_TE = torch.zeros_like(probs_TE).scatter(1, ids_TK, gates_TK)
+
+    selected_TE = probs_TE != 0  # placeholder slots (reference mode) carry exactly zero weight
+    assert torch.equal(selected_TE, expected_TE != 0), "selection is not top-k of s + b"
+    assert torch.equal(routing_map_TE & selected_TE, selected_TE)
+    assert bool((routing_map_TE.sum(-1) == router.slots).all())  # dispatcher slot count kept
+    torch.testing.assert_close(probs_TE, expected_TE, rtol=1e-6,
+                               atol=1e-6 * float(expected_TE.abs().max()))
 
 
 def test_metrics_report_bias_gini_and_condensers():

@@ -60,6 +60,23 @@ def test_missing_required_key_is_named():
         _build({k: v for k, v in BASE.items() if k != "output"})
 
 
+def test_training_refuses_the_evaluation_only_force_condensers_switch():
+    # force_condensers=false would silently train bias-only; it is the Sec. 6.3 eval ablation.
+    with pytest.raises(ValueError, match="method.force_condensers=false is an evaluation switch"):
+        _build(overrides=["method.name=condenser", "method.force_condensers=false"])
+    assert _build(overrides=["method.name=condenser"]).method.force_condensers
+
+
+def test_eval_interval_is_checked_and_listed():
+    assert _build(overrides=["train.eval_interval=5"]).train.eval_interval == 5
+    assert TrainConfig().eval_interval is None
+    with pytest.raises(ValueError, match="train.eval_interval=-1"):
+        TrainConfig(eval_interval=-1)
+    from megatron_ec.training.launch import list_keys
+
+    assert "train.eval_interval = None" in list_keys()
+
+
 def test_global_batch_must_factor():
     train = TrainConfig(micro_batch_size=2, global_batch_size=12)
     assert train.accumulation_steps(dp_size=2) == 3

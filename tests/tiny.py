@@ -58,9 +58,10 @@ def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (losses.float() * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
 
-def start_phase(model, method: Method) -> Method:
-    """`method.begin_phase` on a freshly built model (no starting checkpoint, not resumed)."""
+def start_phase(model, method: Method, source: Method | None = None) -> Method:
+    """`method.begin_phase` on a model with loaded weights, starting from a checkpoint of
+    `source` (default: a plain SFT import), not resumed."""
     from megatron_ec.moe.methods import PhaseStart
 
-    method.begin_phase(PhaseStart(model, make_method("sft"), resumed=False))
+    method.begin_phase(PhaseStart(model, source or make_method("sft"), resumed=False))
     return method

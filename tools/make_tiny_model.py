@@ -38,18 +38,26 @@ def corpus_lines(corpus_files: Sequence[str]) -> Iterator[str]:
     will, so the template text gets pieces of its own.
     """
     from megatron_ec.data.templates import ALPACA_PREAMBLE
+    from megatron_ec.textfile import read_text
 
     template_lines = [ALPACA_PREAMBLE, "### Instruction:", "### Response:"]
     for path in corpus_files:
-        with open(path, encoding="utf-8") as stream:
-            for line in stream:
-                is_record = path.endswith(".jsonl") and line.strip()
-                texts = _jsonl_strings(line) + template_lines if is_record else [line]
-                yield from (part for text in texts for part in text.splitlines() if part.strip())
+        # Universal newlines, as reading the file in text mode would split it.
+        for number, line in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+            is_record = path.endswith(".jsonl") and line.strip()
+            texts = ([*_jsonl_strings(line, f"{path}:{number}"), *template_lines] if is_record
+                     else [line])
+            yield from (part for text in texts for part in text.splitlines() if part.strip())
 
 
-def _jsonl_strings(line: str) -> list[str]:
-    return [value for value in json.loads(line).values() if isinstance(value, str)]
+def _jsonl_strings(line: str, location: str) -> list[str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{location}: invalid JSON ({err.msg}); fix or remove the line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{location}: expected a JSON object; fix or remove the line")
+    return [value for value in record.values() if isinstance(value, str)]
 
 
 def train_sentencepiece(corpus_files: Sequence[str], vocab_size: int) -> bytes:
@@ -142,7 +150,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=1000)
     args = parser.parse_args()
-    print(make_tiny_qwen2_moe(args.out, args.corpus, args.vocab_size, args.seed))
+    for path in args.corpus:  # checked before the (slow) tokenizer training
+        if not os.path.isfile(path):
+            parser.error(f"--corpus {path}: no such file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: exists and is not a directory")
+    try:
+        print(make_tiny_qwen2_moe(args.out, args.corpus, args.vocab_size, args.seed))
+    except ValueError as err:  # a corpus file that is not UTF-8 text or not JSON Lines
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

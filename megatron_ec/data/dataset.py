@@ -120,7 +120,8 @@ def build_sft_dataset(cfg: DataConfig, tokenizer: Any, vocab_size: int, split: s
     if not len(selection.sample_ids):
         raise DataError(
             source,
-            f"no sample left to train on ({len(corpus)} read; dropped: "
+            f"no sample left to {'validate' if split == 'valid' else 'train'} on "
+            f"({len(corpus)} read; dropped: "
             f"{selection.num_too_long} too long, {selection.num_no_target} without answer tokens)",
             "check the records' format and answers, and DataConfig.seq_length/truncation",
         )

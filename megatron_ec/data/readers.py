@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from megatron_ec.data.errors import DataError
+from megatron_ec.textfile import TextFileError, decode_utf8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +55,12 @@ def read_records(path: str) -> Iterator[Record]:
 
 def _read_jsonl(path: str) -> Iterator[Record]:
     """Parses JSON Lines one line at a time, so a bad line is reported with its number."""
-    with open(path, encoding="utf-8-sig") as stream:  # Tolerates a byte-order mark.
-        for line_number, line in enumerate(stream, start=1):
+    with open(path, "rb") as stream:  # Decoded per line, so a non-UTF-8 byte is located too.
+        for line_number, raw in enumerate(stream, start=1):
+            location = f"{path}:{line_number}"
+            line = _decoded(raw, path, line_number)
             if not line.strip():
                 continue
-            location = f"{path}:{line_number}"
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as error:
@@ -68,16 +70,25 @@ def _read_jsonl(path: str) -> Iterator[Record]:
             yield Record(location, _require_object(fields, location, "fix or remove the line"))
 
 
+def _decoded(raw: bytes, path: str, first_line: int = 1) -> str:
+    """UTF-8 text (a byte-order mark tolerated), or a DataError naming the file and line."""
+    try:
+        return decode_utf8(raw, path, first_line)
+    except TextFileError as error:
+        raise DataError(error.location, error.problem, error.fix) from None
+
+
 def _read_json_array(path: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig") as stream:  # Tolerates a byte-order mark.
-        try:
-            content = json.load(stream)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}:{error.lineno}",
-                f"invalid JSON ({error.msg})",
-                "fix the file; if it holds one object per line, rename it to .jsonl",
-            ) from None
+    with open(path, "rb") as stream:
+        text = _decoded(stream.read(), path)
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}",
+            f"invalid JSON ({error.msg})",
+            "fix the file; if it holds one object per line, rename it to .jsonl",
+        ) from None
     if not isinstance(content, list):
         raise DataError(
             path,
@@ -91,8 +102,16 @@ def _read_json_array(path: str) -> Iterator[Record]:
 
 def _read_parquet(path: str) -> Iterator[Record]:
     import datasets  # Imported here: `datasets` is slow to import and only these formats need it.
+    import pyarrow
+    import pyarrow.parquet
 
-    table = datasets.load_dataset("parquet", data_files=path, split="train")
+    try:
+        pyarrow.parquet.read_metadata(path)  # A corrupt footer fails here, before any logging.
+        table = datasets.load_dataset("parquet", data_files=path, split="train")
+    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(path, f"unreadable Parquet file ({reason})",
+                        "re-write it (e.g. Dataset.to_parquet) or convert it to .jsonl") from None
     yield from _rows_to_records(table, path)
 
 

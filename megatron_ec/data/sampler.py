@@ -4,9 +4,14 @@ Epoch ``e`` visits the rows of a ``PackedDataset`` in the order
 ``numpy.random.default_rng([seed, e]).permutation(num_rows)`` (row order if ``shuffle`` is off).
 The order is consumed in *global micro-batches* of ``micro_batch_size * dp_size`` rows;
 data-parallel rank ``r`` takes rows ``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of
-each, so the ranks' slices are disjoint and together cover the global micro-batch. A tail
-shorter than one global micro-batch is skipped (drop-last) so every rank always gets a full
-micro-batch in lockstep.
+each, so the ranks' slices are disjoint and together cover the global micro-batch. An epoch
+ends at the last whole ``global_batch_size`` (the trainer's optimizer-step batch; the global
+micro-batch when not given): the tail is skipped (drop-last), so every rank always gets a full
+micro-batch in lockstep and no step straddles two epochs.
+
+Because epochs are cut in global batches, which do not depend on the data-parallel size, every
+data-parallel layout with the same global batch size sees the same rows in every optimizer step
+(split differently into micro-batches), and a state saved at one layout resumes at another.
 
 The state (epoch, rows consumed in the epoch) is the same on every rank, so any rank may save it.
 """
@@ -33,19 +38,29 @@ class BatchSampler:
         dp_size: the data-parallel world size.
         seed: seed of the per-epoch shuffle (``DataConfig.seed``).
         shuffle: shuffle each epoch (``DataConfig.shuffle``); False keeps row order.
+        global_batch_size: rows per optimizer step over all ranks, a multiple of
+            ``micro_batch_size * dp_size``; epochs are cut in whole global batches. None: one
+            global micro-batch.
 
     Raises:
-        ValueError: bad sizes, or fewer rows than one global micro-batch.
+        ValueError: bad sizes, or fewer rows than one global batch.
     """
 
     def __init__(self, dataset: PackedDataset, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 global_batch_size: int | None = None):
         _check_layout(micro_batch_size, dp_rank, dp_size)
-        _check_enough_rows(len(dataset), micro_batch_size, dp_size)
+        global_batch_size = global_batch_size or micro_batch_size * dp_size
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of "
+                             f"micro_batch_size x dp_size = {micro_batch_size * dp_size}")
+        _check_enough_rows(len(dataset), global_batch_size, micro_batch_size, dp_size)
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.rows_per_epoch = len(dataset) // global_batch_size * global_batch_size
+        """Rows visited per epoch: the whole global batches."""
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
@@ -60,11 +75,11 @@ class BatchSampler:
     @property
     def micro_batches_per_epoch(self) -> int:
         """Micro-batches each rank gets per epoch."""
-        return len(self.dataset) // self.global_micro_batch_size
+        return self.rows_per_epoch // self.global_micro_batch_size
 
     def next_row_indices(self) -> list[int]:
         """Advances by one global micro-batch and returns this rank's row indices."""
-        if self.position + self.global_micro_batch_size > len(self._order):
+        if self.position + self.global_micro_batch_size > self.rows_per_epoch:
             self.epoch += 1
             self.position = 0
             self._order = self._epoch_order(self.epoch)
@@ -87,7 +102,8 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a saved state, so the following micro-batches are the ones that would
-        have followed in the saved run (given the same data-parallel layout).
+        have followed in the saved run (at any data-parallel layout, when the global batch
+        size is the same).
 
         Raises:
             ValueError: the data or the shuffle settings differ from the saved run.
@@ -142,10 +158,12 @@ def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
         )
 
 
-def _check_enough_rows(num_rows: int, micro_batch_size: int, dp_size: int) -> None:
-    if num_rows < micro_batch_size * dp_size:
+def _check_enough_rows(num_rows: int, global_batch_size: int, micro_batch_size: int,
+                       dp_size: int) -> None:
+    if num_rows < global_batch_size:
         raise ValueError(
-            f"only {num_rows} sequences for a global micro-batch of "
-            f"{micro_batch_size} x {dp_size} ranks; add data, lower micro_batch_size or the "
+            f"only {num_rows} sequences for a global batch of {global_batch_size} "
+            f"(micro-batches of {micro_batch_size} x {dp_size} ranks); add data, lower "
+            "global_batch_size, micro_batch_size or the "
             "data-parallel size, or use a shorter seq_length / packing=False for more sequences"
         )

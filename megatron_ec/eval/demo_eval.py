@@ -23,9 +23,12 @@ from pathlib import Path
 
 
 def load_records(path: str, limit: int) -> list[dict]:
+    from megatron_ec.textfile import decode_utf8
+
     records = []
-    with open(path, encoding="utf-8-sig") as stream:
-        for number, line in enumerate(stream, start=1):
+    with open(path, "rb") as stream:  # decoded per line: a non-UTF-8 byte is located too
+        for number, raw in enumerate(stream, start=1):
+            line = decode_utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -127,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet()
     try:
+        for flag, value in (("--hf", args.hf), ("--base", args.base)):
+            # Checked here: transformers would take a missing directory for a hub repo id.
+            if value is not None and not Path(value, "config.json").is_file():
+                raise ValueError(f"{value}: not an HF model directory (no config.json); pass "
+                                 f"the directory checkpoint_convert export wrote as {flag}")
         records = load_records(args.heldout, args.max_samples)
         phases = [phase_summary(path) for path in args.metrics]
     except (ValueError, OSError) as err:

@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_ec.textfile import read_json, read_text
+
 LATEST = "latest"
 MODEL_META = "model.json"
 WEIGHTS = "weights"
@@ -55,7 +57,7 @@ def latest_iteration(root: str | Path) -> Path | None:
     marker = root / LATEST
     if not marker.is_file():
         return None
-    path = root / marker.read_text().strip()
+    path = root / read_text(marker).strip()
     if not path.is_dir():
         raise ValueError(f"{marker} points at {path.name}, which does not exist; the checkpoint "
                          "directory was edited by hand: fix or delete the 'latest' file")
@@ -65,6 +67,12 @@ def latest_iteration(root: str | Path) -> Path | None:
 def resolve(path: str | Path) -> Path:
     """Accept either a checkpoint root (uses `latest`) or an iteration directory."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such checkpoint directory; pass the directory written by "
+                         "checkpoint_convert import or by megatron_ec.finetune")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory; pass a checkpoint directory (written by "
+                         "checkpoint_convert import or by megatron_ec.finetune)")
     if (path / MODEL_META).is_file():
         return path
     found = latest_iteration(path)
@@ -82,6 +90,9 @@ def write_model_meta(iteration_dir: str | Path, meta: dict) -> None:
 def read_model_meta(iteration_dir: str | Path) -> dict:
     path = Path(iteration_dir, MODEL_META)
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = read_json(path, "re-import the checkpoint or restore the file")
+    except OSError as err:
         raise ValueError(f"{path}: unreadable model metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object; re-import the checkpoint or restore the file")
+    return meta

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
 from megatron_ec.moe.routing import RoutingConfig, route
 
 
-class RestoredGate(torch.nn.Module):
+class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
     """A family gate with `route()`'s selection: same weight, same (logits, weights, ids) output.
 
+    The selection bias stays fp32 through `model.to(torch.bfloat16)`, as in `ECRouter`.
     Shape legend: T tokens, E routed experts, K slots (k, or k + r in reference mode).
     """
+
+    fp32_buffers = ("selection_bias",)
 
     def __init__(self, weight: torch.nn.Parameter, routing_cfg: RoutingConfig,
                  bias_E: torch.Tensor | None, condensers: list[int] | None,

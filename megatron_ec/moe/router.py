@@ -29,6 +29,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
 from megatron_ec.moe.policy import RouterPolicy
 from megatron_ec.moe.routing import (
     RoutingConfig,
@@ -40,17 +41,17 @@ from megatron_ec.moe.routing import (
     validate_condensers,
 )
 
-# Buffers that stay fp32 whatever the model is cast to.
-_FP32_BUFFERS = ("selection_bias", "usage_accum", "gate_accum", "last_usage")
 
-
-class ECRouter(TopKRouter):
+class ECRouter(KeepsFp32Buffers, TopKRouter):
     """Top-k router with the family's routing, bias routing, and condenser experts.
 
     State besides `TopKRouter`'s: `selection_bias` (persistent), the step's accumulators
     `usage_accum` and `gate_accum`, the statistics of the last finished step `last_usage` and
     `last_gate` (mean condenser gate weight), and `condenser_ids`.
     """
+
+    fp32_buffers = ("selection_bias", "usage_accum", "gate_accum", "last_usage")
+    """Stay fp32 whatever the model is cast to; device moves still apply."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
                  routing_cfg: RoutingConfig, policy: RouterPolicy, slots: int) -> None:
@@ -81,15 +82,6 @@ class ECRouter(TopKRouter):
         ids = validate_condensers(ids, self.config.num_moe_experts, self.selection_bias.device)
         num_slots(self.routing_cfg, ids.numel())  # raises if r does not fit the mode
         self.condenser_ids = ids
-
-    def _apply(self, fn, recurse=True):
-        # Dtype casts (bf16 models, Float16Module) must not touch the fp32 routing state; device
-        # moves still apply.
-        kept = {name: self._buffers.pop(name) for name in _FP32_BUFFERS}
-        result = super()._apply(fn, recurse)
-        for name, buffer in kept.items():
-            self._buffers[name] = buffer.to(device=fn(buffer).device)
-        return result
 
     def _active_condensers(self) -> torch.Tensor | None:
         return self.condenser_ids if self.condenser_ids.numel() else None

@@ -8,7 +8,13 @@
       train_state/
         common.pt         step, schedule, data-sampler position, layout, config (rank 0)
         rank_00003.pt     per-rank RNG states (CPU, CUDA, Megatron's model-parallel tracker)
-        optimizer_rank00003.pt   per-rank optimizer state (CPU; Megatron's optimizer: optimizer/)
+        optimizer/        torch_dist optimizer state aligned with the weights' shards, any layout
+
+A checkpoint resumes at any TP/EP/ETP layout and world size: weights and optimizer state are
+resharded on load, the step, schedule and sampler position are global. The per-rank RNG states
+are restored only at the saved layout (elsewhere each rank keeps this run's seeded streams; the
+trainer's models have no dropout, so no number depends on them). Train states of earlier versions
+(`optimizer_rankNNNNN.pt` per rank instead of `optimizer/`) resume at their own layout only.
 
 Everything is written into `.iter_N.partial/` and published with one rename plus an atomic
 `latest` swap, so a crash at any point of a save leaves the previous checkpoint loadable. Saving
@@ -21,6 +27,7 @@ kill_after_step:N kills after step N's metrics are logged.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -36,6 +43,9 @@ from megatron_ec.models import ckpt_dir
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
 from megatron_ec.moe.methods import Method
 from megatron_ec.moe.methods.saved import save_method
+from megatron_ec.training.optimizer import has_per_rank_state
+
+logger = logging.getLogger(__name__)
 
 COMMON = "common.pt"
 FAULT_ENV = "MEGATRON_EC_FAULT"
@@ -56,7 +66,7 @@ class TrainState:
     sampler: dict
     """`BatchSampler.state_dict()` (the position is global, the same on every data-parallel rank)."""
     layout: dict
-    """World size and TP/EP/ETP the optimizer state was sharded for."""
+    """World size and TP/EP/ETP of the run that saved it."""
     schedule: dict
     """The schedule's parameters, to warn when a resume changes them."""
     tokens: int = 0
@@ -173,22 +183,30 @@ def saved_step(iteration: Path) -> int:
 
 
 def load_train_state(iteration: Path, model, optimizer) -> TrainState:
-    """Optimizer and RNG states of this rank plus the common train state (collective).
+    """Optimizer state (resharded to this layout), RNG states and the common train state
+    (collective).
 
     Raises:
-        ValueError: the checkpoint was saved at another parallel layout (its optimizer state is
-            sharded for that layout).
+        ValueError: the checkpoint is of an earlier version (per-rank optimizer files) and was
+            saved at another parallel layout.
     """
     state_dir = iteration / ckpt_dir.TRAIN_STATE
     common = TrainState(**torch.load(state_dir / COMMON, weights_only=False))
-    if common.layout != current_layout():
+    same_layout = common.layout == current_layout()
+    if not same_layout and has_per_rank_state(state_dir):
         raise ValueError(
-            f"{iteration} was saved at {_layout_text(common.layout)} but this run is "
-            f"{_layout_text(current_layout())}; resume with the saved layout, or start a new "
-            f"output.dir with model.checkpoint={iteration} (weights and bias kept, fresh optimizer)"
+            f"{iteration} was saved at {_layout_text(common.layout)} by an earlier version, with "
+            f"per-rank optimizer state, but this run is {_layout_text(current_layout())}; resume "
+            f"it with the saved layout (its next checkpoint can then resume at any layout), or "
+            f"start a new output.dir with model.checkpoint={iteration} (weights and bias kept, "
+            f"fresh optimizer)"
         )
     optimizer.load(state_dir, model)
-    _set_rng_state(torch.load(state_dir / _rank_file(), weights_only=False))
+    if same_layout:
+        _set_rng_state(torch.load(state_dir / _rank_file(), weights_only=False))
+    elif dist.get_rank() == 0:
+        logger.info("resuming a %s checkpoint at %s: optimizer state resharded, RNG streams "
+                    "of this run kept", _layout_text(common.layout), _layout_text(current_layout()))
     return common
 
 

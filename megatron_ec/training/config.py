@@ -73,6 +73,11 @@ class TrainConfig:
     fp32 master weights; FP8 GEMMs through Transformer Engine)."""
     recompute: str = "none"
     """Activation recompute: "none", "selective" (MoE layers) or "full"."""
+    eval_interval: int | None = None
+    """Validate on `data.valid` every this many optimizer steps; None or 0 = only at the end of
+    the phase (the end is always validated when `data.valid` is set). Logged as `valid_loss`
+    (token-weighted over every validation sequence) and `valid_tokens`; evaluation never moves
+    the bias and never counts usage."""
 
     def __post_init__(self) -> None:
         positive = {"micro_batch_size": self.micro_batch_size,
@@ -80,6 +85,9 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"train.{name}={value} must be >= 1")
+        if self.eval_interval is not None and self.eval_interval < 0:
+            raise ValueError(f"train.eval_interval={self.eval_interval} must be >= 0 "
+                             "(null or 0 = validate only at the end)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps={self.max_steps} must be >= 1 (or null = epochs)")
         if not self.epochs > 0:
@@ -156,6 +164,9 @@ class FinetuneConfig:
     method: MethodConfig = field(default_factory=SFTConfig)
     """The `method:` section; its `name` picks the method's config class (the registry in
     `megatron_ec.moe.methods`), and keys of other methods are errors."""
+
+    def __post_init__(self) -> None:
+        self.method.check_for_training()
 
 
 def describe(cfg: Any) -> str:

@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from megatron_ec.textfile import TextFileError, read_text
+
 
 class ConfigError(ValueError):
     """A user error in a config file or override; the message is one line."""
@@ -46,21 +48,45 @@ class _Raw:
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with a one-line error for a missing or malformed file."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file; fix the --config path")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; pass the YAML config file, not a directory")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        text = read_text(path)
+        data = yaml.safe_load(text)
+    except TextFileError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or "malformed YAML"
-        raise ConfigError(f"{where}: {problem}; fix the YAML syntax") from None
+        raise ConfigError(f"{_yaml_location(path, text, err)}: {_yaml_problem(err)}; "
+                          "fix the YAML syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, not "
                           f"{type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if getattr(err, "problem", None):
+        return err.problem
+    if isinstance(err, yaml.reader.ReaderError):  # "unacceptable character #x0007: ..."
+        return str(err).splitlines()[0]
+    return "malformed YAML"
+
+
+def _yaml_location(path: Path, text: str, err: yaml.YAMLError) -> str:
+    """`path:line` of a YAML error (a parser mark, or the character position of a reader error)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f"{path}:{mark.line + 1}"
+    position = getattr(err, "position", None)  # yaml.reader.ReaderError: a non-printable character
+    if isinstance(position, int):
+        return f"{path}:{text.count(chr(10), 0, position) + 1}"
+    return str(path)
 
 
 def valid_keys(cls: type, prefix: str = "") -> list[str]:

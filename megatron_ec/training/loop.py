@@ -10,7 +10,9 @@ Micro-batches with few answer tokens therefore weigh less than in a mean of per-
 Per optimizer step, in order: lr from the schedule; micro-batch forward/backward (gradient
 accumulation); `finalize_grads` (DP/EP reduction, sequence-parallel grads); optimizer (global-norm
 clipping + AdamW); the method's once-per-step bias update (`method.after_optimizer_step`);
-metrics; checkpoint every `output.save_interval` steps and at the end.
+validation on `data.valid` every `train.eval_interval` steps and at the end (`training.validation`:
+no gradient, no usage, no bias change); metrics; checkpoint every `output.save_interval` steps and
+at the end.
 
 The method object (`megatron_ec.moe.methods`) is asked at each of its hooks: the model is
 assembled with its router and experts, `begin_phase` makes or keeps its decisions once the
@@ -35,7 +37,7 @@ from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.moe.methods import Method, PhaseStart, build_method
 from megatron_ec.moe.methods.saved import load_method
-from megatron_ec.training import checkpoint
+from megatron_ec.training import checkpoint, validation
 from megatron_ec.training.config import FinetuneConfig
 from megatron_ec.training.distributed import finalize_grads, unwrap, wrap_ddp
 from megatron_ec.training.metrics import MetricsWriter
@@ -134,8 +136,9 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]],
 class Phase:
     """A phase assembled on this rank: model, optimizer, schedule, sampler, method state."""
 
-    def __init__(self, cfg: FinetuneConfig, start: StartPoint, dataset):
+    def __init__(self, cfg: FinetuneConfig, start: StartPoint, dataset, valid_dataset=None):
         self.cfg, self.start = cfg, start
+        self.valid_dataset = valid_dataset
         self.out = Path(cfg.output.dir)
         self.rank0 = dist.get_rank() == 0
         self.total = cfg.train.total_steps(len(dataset))
@@ -160,7 +163,8 @@ class Phase:
                             use_distributed_optimizer=torch.cuda.is_available())
         self.optimizer = build_optimizer(self.ddp, cfg.train)
         self.sampler = BatchSampler(dataset, cfg.train.micro_batch_size, dp_rank, dp_size,
-                                    seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+                                    seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+                                    global_batch_size=cfg.train.global_batch_size)
         self.accumulation = cfg.train.accumulation_steps(dp_size)
         t = cfg.train
         self.schedule = WarmupCosine.from_ratio(t.lr, self.total, t.warmup_ratio, t.min_lr_ratio)
@@ -212,6 +216,10 @@ class Phase:
         self.ddp.train()
         for step in range(start_step, self.total):
             record = self._train_step(step)
+            if self._should_validate(record["step"]):
+                record.update(self.validate().record())
+                progress.message(f"[{self.method.name}] step {record['step']}: valid_loss "
+                                 f"{record['valid_loss']:.4f} ({record['valid_tokens']} tokens)")
             losses.append(record["loss"])
             metrics.write(record)
             progress.update(record["step"], loss=record["loss"], lr=record["lr"],
@@ -229,6 +237,19 @@ class Phase:
     def _should_save(self, step: int) -> bool:
         interval = self.cfg.output.save_interval
         return step == self.total or (interval > 0 and step % interval == 0)
+
+    def _should_validate(self, step: int) -> bool:
+        interval = self.cfg.train.eval_interval
+        return self.valid_dataset is not None and (
+            step == self.total or (bool(interval) and step % interval == 0))
+
+    def validate(self) -> validation.ValidationResult:
+        """The validation loss of the current weights (collective over data-parallel ranks)."""
+        from megatron.core import parallel_state as ps
+
+        return validation.evaluate(self.ddp, self.valid_dataset, self.cfg.train.micro_batch_size,
+                                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                                   ps.get_data_parallel_group())
 
     def _train_step(self, step: int) -> dict:
         began = time.monotonic()
@@ -257,8 +278,17 @@ class Phase:
         return path
 
 
+def _check_output_dir(out: Path) -> None:
+    """output.dir is a directory, or can be created as one (checked before anything runs)."""
+    ancestor = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if not ancestor.is_dir():
+        what = "is not a directory" if ancestor == out else f"cannot be created: {ancestor} is a file"
+        raise ValueError(f"output.dir={out} {what}; choose another output.dir")
+
+
 def find_start(cfg: FinetuneConfig) -> StartPoint:
     """Resolve `model.checkpoint` and look for this run's own checkpoint in `output.dir`."""
+    _check_output_dir(Path(cfg.output.dir))
     source = ckpt_dir.resolve(cfg.model.checkpoint)
     meta = ckpt_dir.read_model_meta(source)
     try:

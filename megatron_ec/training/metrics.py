@@ -4,7 +4,9 @@ Written by rank 0 only. A line holds at least `step` (1-based, steps completed),
 name), `loss` (token-weighted mean over the global batch), `lr`, `grad_norm`, `tokens` (loss
 tokens of the step), `tokens_per_s` (real, non-padding tokens processed per second over all
 ranks), `step_time` (s), and the routing metrics of `megatron_ec.moe.state.routing_metrics`
-(`routing/layer{i}/bias_mean|bias_min|bias_max|usage_gini|condensers|condenser_gate`).
+(`routing/layer{i}/bias_mean|bias_min|bias_max|usage_gini|condensers|condenser_gate`). Steps that
+validate (every `train.eval_interval` and the last, when `data.valid` is set) add `valid_loss`
+and `valid_tokens` (TensorBoard: `valid/loss`, `valid/tokens`).
 
 On resume, lines after the resumed step (logged after the checkpoint, before the crash) are dropped
 and TensorBoard purges its events after that step, so the files read like one uninterrupted run.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+VALID_PREFIX = "valid_"
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -33,6 +36,15 @@ def truncate_after(path: Path, step: int) -> None:
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def tensorboard_tag(key: str) -> str:
+    """`valid_loss` -> `valid/loss`, `loss` -> `train/loss`; keys with a `/` stay as they are."""
+    if "/" in key:
+        return key
+    if key.startswith(VALID_PREFIX):
+        return f"valid/{key[len(VALID_PREFIX):]}"
+    return f"train/{key}"
 
 
 class MetricsWriter:
@@ -60,7 +72,7 @@ class MetricsWriter:
             step = record["step"]
             for key, value in record.items():
                 if key != "step" and isinstance(value, numbers.Real) and math.isfinite(value):
-                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+                    self.tb.add_scalar(tensorboard_tag(key), value, step)
             self.tb.flush()
 
     def close(self) -> None:

@@ -5,10 +5,16 @@ Both start after `finalize_grads()` has reduced the step's gradients into each p
 
 - `TorchAdamW` (CPU, fp32; the Megatron optimizer does not run on CPU, see MCORE_ON_CPU.md): copies
   `main_grad` into `.grad`, computes the norm with `global_grad_norm()` below, clips and steps a
-  `torch.optim.AdamW`. Its state is saved per rank (each rank holds its own shards).
+  `torch.optim.AdamW`. Its state is saved as Megatron sharded tensors aligned with the parameter
+  shards (`sharded_adamw_state`), so it loads at any TP/EP/ETP layout and data-parallel size.
 - `MegatronAdam` (GPU): `megatron.core.optimizer.get_megatron_optimizer` with the distributed
-  optimizer, fp32 master weights for bf16/fp8 models, Megatron's own norm and clipping. Thin and
-  NOT exercised on this project's CPU-only machines.
+  optimizer, fp32 master weights for bf16/fp8 models, Megatron's own norm and clipping; its state
+  is Megatron's own `sharded_state_dict` (reshardable). Thin and NOT exercised on this project's
+  CPU-only machines.
+
+Both write `train_state/optimizer/` (a torch_dist checkpoint). Checkpoints of earlier versions
+hold `train_state/optimizer_rankNNNNN.pt` (torch's per-rank state dict) instead; `TorchAdamW`
+still loads those, at the layout they were saved at only.
 
 Global norm without double counting: a parameter is replicated over the data-parallel ranks (the
 gradients are identical after the all-reduce), and a parameter that is not tensor-parallel (norms,
@@ -43,7 +49,7 @@ class Optimizer(Protocol):
         """Write the optimizer state under `directory` (collective: every rank calls it)."""
 
     def load(self, directory: Path, model) -> None:
-        """Read what `save` wrote at the same parallel layout (collective)."""
+        """Read what `save` wrote, at any parallel layout (collective)."""
 
 
 def _is_expert(param: torch.nn.Parameter) -> bool:
@@ -133,13 +139,86 @@ class TorchAdamW:
         return norm
 
     def save(self, directory: Path, model) -> None:
-        torch.save(self.inner.state_dict(), Path(directory) / _rank_file())
+        from megatron.core import dist_checkpointing
+
+        target = Path(directory) / OPTIMIZER_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(sharded_adamw_state(self.inner, model.sharded_state_dict()),
+                                str(target))
 
     def load(self, directory: Path, model) -> None:
-        path = Path(directory) / _rank_file()
+        from megatron.core import dist_checkpointing
+
+        source = Path(directory) / OPTIMIZER_DIR
+        if not source.is_dir():
+            self._load_per_rank(Path(directory))
+            return
+        _init_adamw_state(self.inner)  # placeholders that give the sharded dict its shapes
+        request = sharded_adamw_state(self.inner, model.sharded_state_dict())
+        state = dist_checkpointing.load(request, str(source))
+        step = state["state"].pop(COMMON_STEP)
+        for param_state in state["state"].values():
+            param_state["step"] = torch.tensor(float(step))
+        self.inner.load_state_dict(state)
+
+    def _load_per_rank(self, directory: Path) -> None:
+        """The format of earlier versions: this rank's torch state dict (same layout only)."""
+        path = directory / _rank_file()
         if not path.is_file():
             raise ValueError(f"{path}: missing; the checkpoint was saved with fewer ranks")
         self.inner.load_state_dict(torch.load(path, weights_only=False))
+
+
+OPTIMIZER_DIR = "optimizer"
+COMMON_STEP = "common_step"
+
+
+def has_per_rank_state(directory: Path) -> bool:
+    """True for a train state of earlier versions: per-rank optimizer files, not reshardable."""
+    directory = Path(directory)
+    return not (directory / OPTIMIZER_DIR).is_dir() and any(directory.glob("optimizer_rank*.pt"))
+
+
+def sharded_adamw_state(optimizer: torch.optim.Optimizer, model_sharded_state: dict) -> dict:
+    """A torch AdamW state dict as Megatron sharded tensors aligned with the parameter shards.
+
+    This is Megatron-Core's recipe for a non-distributed optimizer (`FP32Optimizer.
+    sharded_state_dict`), built from the same helpers: each state tensor of parameter P
+    (`exp_avg`, `exp_avg_sq`) is saved under `optimizer.state.<name>.<P's sharded key>` with P's
+    sharding - TP/EP/ETP slices, global expert ids, the gated fc1 factory, data-parallel replica
+    ids - so it reshards exactly like the weights. The step count, the same for every parameter,
+    is saved once as `state.common_step`; the param groups' hyperparameters are common and their
+    parameter lists stay local (each rank has its own).
+
+    Args:
+        optimizer: the torch optimizer (its state must exist: after a step, or placeholders).
+        model_sharded_state: `model.sharded_state_dict()` of the model it optimizes.
+    """
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        optim_state_to_sharding_state,
+    )
+
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state = optimizer.state_dict()
+    steps = {float(param_state["step"]) for param_state in state["state"].values()}
+    assert len(steps) == 1, f"expected one step count for all parameters, got {sorted(steps)}"
+    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded_state,
+                                                                           params),
+                                  exclude_keys=("step",))
+    state["state"][COMMON_STEP] = torch.tensor(steps.pop())
+    return state
+
+
+def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Zero moments and step for every parameter, as AdamW's first step would create them."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
 
 
 def _rank_file() -> str:
@@ -170,19 +249,29 @@ class MegatronAdam:
         _, grad_norm, _ = self.inner.step()  # (success, norm, zeros); norm None if skipped
         return float("nan") if grad_norm is None else float(grad_norm)
 
+    # Megatron's reshardable format: one sharded tensor per parameter state in model space
+    # (TP/EP/DP may change between save and load), without the chained optimizer's per-index
+    # key prefix (the dense/expert split need not match between layouts). Chosen explicitly, as
+    # Megatron-LM's checkpointing does, so a change of MCore's defaults cannot silently make
+    # checkpoints layout-bound.
+    SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+                "chained_optim_avoid_prefix": True}
+
     def save(self, directory: Path, model) -> None:
         from megatron.core import dist_checkpointing
 
-        target = Path(directory) / "optimizer"
+        target = Path(directory) / OPTIMIZER_DIR
         target.mkdir(parents=True, exist_ok=True)
-        state = self.inner.sharded_state_dict(model.sharded_state_dict())
+        state = self.inner.sharded_state_dict(model.sharded_state_dict(), metadata=self.SHARDING)
         dist_checkpointing.save(state, str(target))
 
     def load(self, directory: Path, model) -> None:
         from megatron.core import dist_checkpointing
 
-        state = self.inner.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
-        self.inner.load_state_dict(dist_checkpointing.load(state, str(Path(directory) / "optimizer")))
+        state = self.inner.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                              metadata=self.SHARDING)
+        source = str(Path(directory) / OPTIMIZER_DIR)
+        self.inner.load_state_dict(dist_checkpointing.load(state, source))
 
 
 def build_optimizer(ddp_model, cfg: TrainConfig) -> Optimizer:

@@ -29,8 +29,9 @@ def validate_for_world(cfg, num_ranks: int) -> None:
                          "keeps fp32 master weights; it does not run on CPU); use train.precision=fp32")
 
 
-def build_dataset(cfg, start, write_cache: bool):
-    """The packed training split, tokenised with the starting checkpoint's tokenizer."""
+def build_datasets(cfg, start, write_cache: bool):
+    """(training split, validation split or None), tokenised with the starting checkpoint's
+    tokenizer through the same pipeline (templates, masks, packing, cache)."""
     from megatron_ec.data import build_sft_dataset, load_tokenizer
     from megatron_ec.models import ckpt_dir
 
@@ -39,8 +40,12 @@ def build_dataset(cfg, start, write_cache: bool):
         raise ValueError(f"{start.source}: no {ckpt_dir.TOKENIZER}/ directory; import the model "
                          "with checkpoint_convert import, which copies its tokenizer")
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    return build_sft_dataset(cfg.data, tokenizer, start.model_cfg.vocab_size, split="train",
-                             output_dir=cfg.output.dir if write_cache else None)
+
+    def split(name: str):
+        return build_sft_dataset(cfg.data, tokenizer, start.model_cfg.vocab_size, split=name,
+                                 output_dir=cfg.output.dir if write_cache else None)
+
+    return split("train"), split("valid") if cfg.data.valid is not None else None
 
 
 def check_phase(cfg, num_ranks: int | None = None) -> str:
@@ -54,28 +59,29 @@ def check_phase(cfg, num_ranks: int | None = None) -> str:
 
     validate_for_world(cfg, num_ranks or world_size())
     start = find_start(cfg)
-    dataset = build_dataset(cfg, start, write_cache=False)
+    dataset, valid = build_datasets(cfg, start, write_cache=False)
     steps = cfg.train.total_steps(len(dataset))
     where = f"resume at {start.resume.name}" if start.resume else f"start from {start.source}"
-    return f"ok: {len(dataset)} training sequences, {steps} steps, {where}"
+    validation = f", {len(valid)} validation sequences" if valid is not None else ""
+    return f"ok: {len(dataset)} training sequences{validation}, {steps} steps, {where}"
 
 
-def _dataset_rank0_first(cfg, start):
+def _datasets_rank0_first(cfg, start):
     """Rank 0 tokenises (and caches), the others then read the cache; errors reach every rank."""
     import torch.distributed as dist
 
     error = None
-    dataset = None
+    datasets = None
     if dist.get_rank() == 0:
         try:
-            dataset = build_dataset(cfg, start, write_cache=True)
+            datasets = build_datasets(cfg, start, write_cache=True)
         except ValueError as err:
             error = str(err)
     shared = [error]
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         raise ValueError(shared[0])
-    return dataset if dataset is not None else build_dataset(cfg, start, write_cache=True)
+    return datasets if datasets is not None else build_datasets(cfg, start, write_cache=True)
 
 
 def setup_phase(cfg):
@@ -92,8 +98,8 @@ def setup_phase(cfg):
     existed = out.exists()
     try:
         init_parallel(cfg.parallel, seed=cfg.train.seed)
-        dataset = _dataset_rank0_first(cfg, start)
-        return Phase(cfg, start, dataset)
+        dataset, valid = _datasets_rank0_first(cfg, start)
+        return Phase(cfg, start, dataset, valid)
     except USER_ERRORS:
         if not existed and is_rank0():
             shutil.rmtree(out, ignore_errors=True)  # e.g. the data cache of a run that never ran

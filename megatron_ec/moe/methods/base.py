@@ -62,6 +62,9 @@ class MethodConfig:
             raise ValueError(f"method.name={self.name!r} is configured by "
                              f"{owner.Config.__name__}, not {type(self).__name__}")
 
+    def check_for_training(self) -> None:
+        """Raise ValueError (one line, a fix-it) for a setting valid at evaluation only."""
+
     @classmethod
     def config_variant(cls, name: str) -> type["MethodConfig"]:
         """The config class of method `name` (how `config_tree` builds the `method` section)."""

@@ -33,11 +33,18 @@ class CondenserConfig(BiasConfig):
     """Condensers fixed by the user: {layer index (0-based, all decoder layers): expert ids}.
     Layers not listed get the r lowest-bias experts when the phase starts."""
     force_condensers: bool = True
-    """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation)."""
+    """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation). An
+    evaluation switch only: a training config with false is refused (it would train bias-only)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "condensers", layer_ids(self.condensers))
+
+    def check_for_training(self) -> None:
+        if not self.force_condensers:
+            raise ValueError("method.force_condensers=false is an evaluation switch (the paper's "
+                             "persistent-path ablation, Sec. 6.3); training always forces the "
+                             "condensers: remove it from the training config")
 
     def condensers_for(self, moe_layers: list[int] | tuple[int, ...]) -> dict[int, int]:
         """r per MoE layer index, validated against the model's MoE layers."""
@@ -87,26 +94,47 @@ class ExpertCondenser(BiasRouting):
         return max(num_slots(self.routing(facts), r) for r in per_layer.values())
 
     def begin_phase(self, start: PhaseStart) -> None:
-        """Keep decided condensers (resume), carry those of the start, or choose them."""
-        if not start.resumed and not self.decisions.condensers:
+        """Keep the decided condensers when resuming; otherwise fix J per layer, first match
+        wins: the layer's entry in `method.condensers` (checked: MoE layer, r distinct ids in
+        range); else the starting checkpoint's condensers (J is fixed once chosen, METHODS.md
+        s.3); else the r lowest-bias experts. A partial `method.condensers` is thus filled in."""
+        if not start.resumed:
             carried = start.source.decisions if isinstance(start.source, ExpertCondenser) else None
-            if carried is not None and carried.condensers and not self.config.condensers:
-                # J is fixed once chosen (METHODS.md s.3): continuing a phase 2 keeps its J.
-                logger.info("keeping the condensers of the starting checkpoint")
-                self.decisions.condensers = dict(carried.condensers)
-            else:
-                self.choose_condensers(start.model)
+            self.choose_condensers(start.model, carried.condensers if carried else {})
         self.apply(start.model)
 
-    def choose_condensers(self, model: torch.nn.Module) -> None:
-        """Listed layers keep the user's experts; the others get their r lowest-bias experts."""
+    def choose_condensers(self, model: torch.nn.Module,
+                          carried: dict[int, list[int]] | None = None) -> None:
+        """Fill `decisions.condensers`: listed, else `carried`, else the r lowest-bias experts."""
+        self.check_listed_condensers(model)
+        carried = carried or {}
+        if set(carried) - set(self.config.condensers):
+            logger.info("keeping the condensers of the starting checkpoint")
         routers = router_ops.ec_routers(model)
         per_layer = self.config.condensers_for([r.layer_index for r in routers])
         for router in routers:
             layer = router.layer_index
-            listed = self.config.condensers.get(layer)
+            chosen = self.config.condensers.get(layer, carried.get(layer))
             self.decisions.condensers[layer] = (
-                list(listed) if listed is not None else _choose(router, per_layer[layer]))
+                list(chosen) if chosen is not None else _choose(router, per_layer[layer]))
+
+    def check_listed_condensers(self, model: torch.nn.Module) -> None:
+        """ValueError (one line, naming `method.condensers`) unless every listed layer is a MoE
+        layer of the model with exactly its r distinct expert ids in [0, E)."""
+        routers = router_ops.ec_routers(model)
+        per_layer = self.config.condensers_for([r.layer_index for r in routers])
+        num_experts = routers[0].config.num_moe_experts if routers else 0
+        for layer, ids in sorted(self.config.condensers.items()):
+            where = f"method.condensers[{layer}]={ids}"
+            if layer not in per_layer:
+                raise ValueError(f"{where}: layer {layer} is not a MoE layer; the MoE layers are "
+                                 f"{sorted(per_layer)} (0-based decoder layers)")
+            if len(ids) != per_layer[layer]:
+                raise ValueError(f"{where}: lists {len(ids)} experts but method.num_condensers "
+                                 f"gives r={per_layer[layer]} for layer {layer}; list exactly r "
+                                 "experts")
+            if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"{where}: expert ids must be distinct and in [0, {num_experts})")
 
     def apply(self, model: torch.nn.Module) -> None:
         routers = router_ops.ec_routers(model)

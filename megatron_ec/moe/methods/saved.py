@@ -26,6 +26,7 @@ import torch
 
 from megatron_ec.moe.methods.base import Method
 from megatron_ec.moe.methods.registry import method_class
+from megatron_ec.textfile import read_json
 
 METHOD_STATE_FILE = "method_state.json"
 RECORD_FORMAT = "megatron_ec_method/2"
@@ -80,11 +81,11 @@ def load_method(directory: str | Path) -> Method:
     """The method saved in a checkpoint iteration directory (any format)."""
     path = Path(directory) / METHOD_STATE_FILE
     try:
-        return method_from_record(json.loads(path.read_text()))
+        data = read_json(path, "restore the file from the checkpoint")
     except FileNotFoundError:
         raise ValueError(f"{path}: missing; is {directory} a megatron_ec checkpoint?") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    try:
+        return method_from_record(data)
     except (TypeError, KeyError) as err:
         raise ValueError(f"{path}: unreadable method state ({err})") from None
 
@@ -108,8 +109,12 @@ def read_routing_file(hf_dir: str | Path) -> tuple[Method, dict[int, torch.Tenso
     path = Path(hf_dir) / ROUTING_FILE
     if not path.is_file():
         return None
+    fix = "re-export the checkpoint with checkpoint_convert export"
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, fix)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
+    try:
         if data.get("format") not in ROUTING_FORMATS:
             raise ValueError(f"format {data.get('format')!r}, expected one of "
                              f"{', '.join(ROUTING_FORMATS)}")
@@ -117,6 +122,5 @@ def read_routing_file(hf_dir: str | Path) -> tuple[Method, dict[int, torch.Tenso
         biases = {int(layer): torch.tensor(values, dtype=torch.float32)
                   for layer, values in data["selection_bias"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: unreadable routing state ({err}); re-export the checkpoint "
-                         "with checkpoint_convert export") from None
+        raise ValueError(f"{path}: unreadable routing state ({err}); {fix}") from None
     return method, biases
