@@ -44,7 +44,8 @@ def module_name(path: Path) -> str:
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """(line, dotted module) of every import in a file, relative imports resolved."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):

@@ -63,7 +63,8 @@ def _tensors(iteration) -> dict[str, torch.Tensor]:
     return {name: t for name, t in torch.load(flat).items() if isinstance(t, torch.Tensor)}
 
 
-def test_a_toy_method_runs_through_finetune_export_and_hf_restore(demo_start, tmp_path):  # noqa: F811
+def test_a_toy_method_runs_through_finetune_export_and_hf_restore(
+        demo_start, tmp_path):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
     from megatron_ec.eval.hf_routing import read_routing_file, restore_condenser_routing

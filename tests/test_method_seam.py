@@ -90,7 +90,8 @@ def test_the_registry_picks_the_config_class_by_name():
     ("bias", "num_condensers", "condenser"),
 ])
 def test_a_key_of_another_method_is_a_one_line_error(name, key, owners):
-    message = f"method.{key} does not apply to method.name={name}; it is a key of method.name={owners}"
+    message = (f"method.{key} does not apply to method.name={name}; "
+               f"it is a key of method.name={owners}")
     with pytest.raises(ConfigError, match=message):
         build(FinetuneConfig, apply_overrides(BASE, [f"method.name={name}", f"method.{key}=1"],
                                               FinetuneConfig))
@@ -128,4 +129,6 @@ def test_a_routing_file_of_format_1_still_loads(tmp_path):
     write_routing_file(tmp_path, method, read)  # and the current format round-trips
     again, read_again = read_routing_file(tmp_path)
     assert again == method and all(torch.equal(read_again[k], biases[k]) for k in biases)
-    assert json.loads((tmp_path / ROUTING_FILE).read_text())["method_state"] == method_record(method)
+    written = json.loads((tmp_path / ROUTING_FILE).read_text())
+    assert written["format"] == "megatron_ec_routing/2"
+    assert written["method_state"] == method_record(method)

@@ -55,7 +55,8 @@ def test_condensers_get_gradient_on_every_token(mode):
     model, _ = build(method)
     with_learned_bias(model)
     start_phase(model, method)
-    assert all(ids == [1, 3] for ids in method.decisions.condensers.values())  # the two lowest biases
+    # the two lowest biases
+    assert all(ids == [1, 3] for ids in method.decisions.condensers.values())
     logits = capture_logits(model)
     batch = tiny_batch()
     forward_loss(model, batch).backward()
