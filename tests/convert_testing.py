@@ -10,6 +10,8 @@ from tools.make_tiny_hf import make_tiny_hf
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 TOL = 1e-4
+"""`checkpoint_convert verify`'s absolute limit on max |dlogit| (the CLI's contract); tests that
+compare logits themselves use `tests.tolerance.FP32_HF_PARITY`."""
 
 # One awkward on-disk variant per family, so every reader path runs in every launch:
 # qwen2_moe sharded with an index, qwen3_moe transformers v5's fused experts, mixtral bf16.

@@ -7,11 +7,17 @@ Usage (the function must be importable, i.e. defined at module level of a test m
 `results[r]` is what rank r returned (anything `torch.save` accepts). If a rank raises, every rank is
 stopped and `RankFailure` carries that rank's traceback; if the ranks do not finish within `timeout`
 seconds (typically a rank stuck in a collective after another failed), all are killed.
+
+Ranks run with one intra-op thread each (4 ranks share a small CPU). `MEC_WORKER_THREADS=N`
+gives each rank N threads, `MEC_WORKER_THREADS=auto` leaves torch's default (the parent's
+`OMP_NUM_THREADS` if set, else one per core): the margin runs of tests/README.md use both.
+Known third-party warnings are silenced in the ranks (`tests.quiet`); ours stay visible.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -25,9 +31,14 @@ import torch.multiprocessing as mp
 WORKER_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
     "TORCH_COMPILE_DISABLE": "1",
-    "OMP_NUM_THREADS": "1",
     "MASTER_ADDR": "127.0.0.1",
 }
+
+
+def worker_threads() -> int | None:
+    """Intra-op threads per rank: `MEC_WORKER_THREADS` (default 1); None = torch's default."""
+    value = os.environ.get("MEC_WORKER_THREADS", "1")
+    return None if value == "auto" else int(value)
 
 
 class RankFailure(AssertionError):
@@ -40,12 +51,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple,
-            kwargs: dict) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, payload: bytes) -> None:
+    from tests.quiet import silence_third_party
+
+    silence_third_party()
+    # Unpickled only now: importing the test module imports Megatron-Core, which warns.
+    fn, args, kwargs = pickle.loads(payload)
     os.environ.update(WORKER_ENV)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    threads = worker_threads()
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     out = Path(out_dir)
     try:
         result = fn(*args, **kwargs)
@@ -69,11 +87,11 @@ def run_on_ranks(fn: Callable, world_size: int, args: tuple = (), kwargs: dict |
                  timeout: float = 300.0) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` spawned gloo ranks and return each rank's result."""
     ctx = mp.get_context("spawn")
+    payload = pickle.dumps((fn, args, kwargs or {}))
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mec_ranks_") as out_dir:
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, out_dir, fn, args, kwargs or {}),
-                        daemon=False)
+            ctx.Process(target=_worker, args=(r, world_size, port, out_dir, payload), daemon=False)
             for r in range(world_size)
         ]
         for proc in procs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_ec.training.metrics import read_metrics
+from tests.tolerance import FP32_LAYOUT, assert_close_scaled
 from tests.test_finetune_support import DEMO_RECIPE, demo_overrides, demo_start, run_cli  # noqa: F401
 
 STEPS = 3
@@ -32,9 +33,11 @@ def test_demo_recipe_tp2_ep2_matches_tp1_ep1(demo):
     assert len(reference) == len(sharded) == STEPS
     for ref, got in zip(reference, sharded):
         assert ref["tokens"] == got["tokens"], "both layouts must see the same global batches"
-        assert abs(ref["loss"] - got["loss"]) < 1e-4, (ref["step"], ref["loss"], got["loss"])
-        assert abs(ref["grad_norm"] - got["grad_norm"]) < 1e-4 * max(1.0, ref["grad_norm"])
+        for key in ("loss", "grad_norm"):
+            assert_close_scaled(got[key], ref[key], FP32_LAYOUT, f"step {ref['step']}: {key}")
         for key, value in ref.items():
+            # Bias statistics: sums of +-gamma steps, equal when the usage signs are; a flipped
+            # sign moves them by gamma / E, far above this float-printing slack.
             if key.startswith("routing/") and "gini" not in key:
                 assert got[key] == pytest.approx(value, abs=1e-6), (ref["step"], key)
     assert sharded[-1]["loss"] < sharded[0]["loss"]

@@ -21,6 +21,7 @@ import torch
 from megatron_ec.models import ckpt_dir
 from megatron_ec.moe.methods.saved import load_method
 from megatron_ec.training.metrics import read_metrics
+from tests.tolerance import FP32_LAYOUT, assert_close_scaled
 from tests.test_finetune_support import (  # noqa: F401
     DEMO_RECIPE,
     demo_overrides,
@@ -31,16 +32,7 @@ from tests.test_finetune_support import (  # noqa: F401
 
 PHASE_STEPS = {"phase1": 4, "phase2": 3}
 RESUME_PHASE1_AT = 2
-RTOL = 1e-5
-"""Relative tolerance: fp32 sums in another order (TP/EP/DP splits) over a few training steps."""
-ATOL = 1e-7
-"""Absolute floor, for values near zero (bias means, gradients of nearly converged entries)."""
 NOT_COMPARED = ("tokens_per_s", "step_time")
-
-
-def _close(reference: float, value: float) -> bool:
-    """The suite's scaled comparison (kept local and small, to switch to tests/tolerance.py)."""
-    return abs(reference - value) <= RTOL * abs(reference) + ATOL
 
 
 def _recipe(demo, out, nproc: int, tp: int, ep: int, **env):
@@ -83,7 +75,8 @@ def test_resume_across_layouts_continues_like_the_uninterrupted_run(runs, phase)
         assert ref.keys() == got.keys()
         for key in sorted(set(ref) - set(NOT_COMPARED)):
             if isinstance(ref[key], float):
-                assert _close(ref[key], got[key]), (phase, ref["step"], key, ref[key], got[key])
+                assert_close_scaled(got[key], ref[key], FP32_LAYOUT,
+                                    f"{phase} step {ref['step']} {key}")
             else:
                 assert ref[key] == got[key], (phase, ref["step"], key, ref[key], got[key])
 

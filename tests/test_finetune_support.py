@@ -92,9 +92,17 @@ def write_config(path: Path, checkpoint: Path, train_file: Path, out_dir: Path, 
 
 
 def cli_env(**extra: str) -> dict:
+    """The CLI's environment: offline, CPU, `tests.harness.worker_threads()` threads per process,
+    known third-party warnings silenced (`tests/quiet_site/sitecustomize.py`)."""
+    from tests.harness import worker_threads
+
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO), TORCH_COMPILE_DISABLE="1", CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "quiet_site")]),
+               TORCH_COMPILE_DISABLE="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")
+    threads = worker_threads()
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.pop("MEGATRON_EC_FAULT", None)
     env.update(extra)
     return env
