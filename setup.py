@@ -30,6 +30,6 @@ setup(
         # GPU clusters: Transformer Engine BF16/FP8 GEMMs and grouped experts. Apex is optional
         # (Megatron-Core falls back without it) and is not on PyPI: build it in your container.
         "gpu": ["transformer-engine[pytorch]>=2.0", "triton>=3.0"],
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "densemixer==1.0.1"],  # densemixer: the DenseMixer oracle (MIT)
     },
 )

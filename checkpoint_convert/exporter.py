@@ -24,6 +24,7 @@ from checkpoint_convert.model import load_megatron, open_checkpoint
 from checkpoint_convert.outputs import check_output, copy_tokenizer, staged_directory
 from checkpoint_convert.load import expected_hf_shapes
 from checkpoint_convert.shards import Planned, plan_shards, write_shards
+from megatron_ec.data.templates import record_training_template
 from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family
@@ -111,4 +112,5 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
             _write_json(staging / "generation_config.json", meta["generation_config"])
         copy_tokenizer(iteration / TOKENIZER, staging)
         write_routing_file(staging, method, selection_biases(model))
+        record_training_template(iteration, staging)  # the prompt layout evaluation must use
     return out

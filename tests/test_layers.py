@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoint_convert", ("checkpoint_convert",)),
     ("training", ("megatron_ec.training",)),
     ("eval/analysis", ("megatron_ec.eval", "megatron_ec.analysis")),
-    ("CLIs", ("megatron_ec.finetune", "megatron_ec.recipe", "checkpoint_convert.__main__")),
+    ("CLIs", ("megatron_ec.finetune", "megatron_ec.recipe", "megatron_ec.evaluate",
+              "checkpoint_convert.__main__")),
 ]
 """Lowest first; a CLI prefix wins over its package's (`checkpoint_convert.__main__`)."""
 

@@ -53,6 +53,15 @@ FP32_HF_PARITY = Tolerance("FP32_HF_PARITY", rtol=1e-4, atol=1e-6)
 (different kernels: fused QKV, grouped experts, TP-split softmax). Measured worst: 0.014 of this
 limit (1.4e-6 relative, loss gradients); the suite's earlier limits were 1e-4 too."""
 
+FP64_ORACLE = Tolerance("FP64_ORACLE", rtol=1e-10, atol=1e-13)
+"""A float64 implementation vs a naive float64 loop of the same formula (test_*_math.py):
+only summation order differs, so the error is a few ulps of the terms (~1e-15 relative)."""
+
+FP32_ORACLE = Tolerance("FP32_ORACLE", rtol=1e-5, atol=1e-7)
+"""A float32 implementation vs a naive float64 loop, or vs an independent float32
+implementation of the same formula (the `densemixer` package): fp32 rounding of short sums
+and one expert MLP (~1e-7 relative), no different algorithm."""
+
 
 def _as_tensor(value) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float64) if not torch.is_tensor(value) else value
