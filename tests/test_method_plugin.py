@@ -17,6 +17,7 @@ from megatron_ec.moe import state as router_ops
 from megatron_ec.moe.methods import register
 from megatron_ec.moe.methods.bias import BiasConfig, BiasRouting
 from megatron_ec.training.metrics import read_metrics
+from tests.convert_testing import TOL
 from tests.harness import run_on_ranks
 from tests.test_finetune_support import demo_start  # noqa: F401
 
@@ -83,7 +84,7 @@ def test_a_toy_method_runs_through_finetune_export_and_hf_restore(
     }))
     (diff,) = run_on_ranks(finetune_export_verify, world_size=1,
                            args=(str(config), str(out), str(hf_out)), timeout=900)
-    assert diff < 1e-4
+    assert diff < TOL  # verify's limit: the HF restore routes like the Megatron model
 
     assert [r["phase"] for r in read_metrics(out / "metrics.jsonl")] == [TOY] * STEPS
     trained = ckpt_dir.latest_iteration(out)
