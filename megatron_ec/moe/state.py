@@ -7,13 +7,18 @@ nothing of methods: each router's `RouterPolicy` says whether its bias moves.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from megatron_ec.moe.routing import gini
 
+if TYPE_CHECKING:  # the router imports Megatron-Core; this module must not (config parsing uses it)
+    from megatron_ec.moe.router import ECRouter
 
-def ec_routers(model: torch.nn.Module) -> list:
+
+def ec_routers(model: torch.nn.Module) -> list[ECRouter]:
     """This rank's `ECRouter`s, in layer order."""
     from megatron_ec.moe.router import ECRouter
 
