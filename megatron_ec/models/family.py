@@ -13,7 +13,9 @@ A family file (`megatron_ec/models/<model_type>.py`) is data first:
   `save_pretrained(save_original_format=False)`); export always writes the canonical names of
   `rules`, i.e. the per-expert layout of the hub checkpoints;
 - `attention_hook(model_cfg)`: an optional quirk that edits the Megatron block spec (OLMoE's
-  full-width QK-norm), or None.
+  full-width QK-norm), or None;
+- `hf_gate`: the `GateAdapter` that finds and swaps the router of the family's HF MoE blocks, so
+  an exported model routes like the trained one (`megatron_ec.models.hf_restore`).
 
 Names in rules use `{layer}` and `{expert}` placeholders; `layers` says which layers a rule covers.
 
@@ -33,6 +35,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 
 from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.hf_gate import GateAdapter
 
 ToMegatron = Callable[[Sequence[torch.Tensor], MoEModelConfig], torch.Tensor]
 ToHF = Callable[[torch.Tensor, MoEModelConfig], Sequence[torch.Tensor]]
@@ -95,6 +98,8 @@ class Family(ABC):
     hf_aliases: ClassVar[dict[str, str]] = {}
     """Other on-disk name pattern -> canonical HF name pattern (placeholders {layer}, {expert})."""
     fused_experts: ClassVar[tuple[FusedExperts, ...]] = ()
+    hf_gate: ClassVar[GateAdapter | None] = None
+    """The HF MoE block's router, swapped by `restore_condenser_routing`; None = not supported."""
 
     @abstractmethod
     def to_model_config(self, hf_config) -> MoEModelConfig:
