@@ -5,7 +5,7 @@ every rule's HF tensors are produced one entry at a time and streamed into safet
 whose headers are planned from the rule table (peak memory: the model plus about one tensor).
 Tensors get the hub's per-expert names, vocab padding is trimmed, and the dtype is the original
 HF dtype unless `--dtype` says otherwise. The routing state goes to `megatron_ec_routing.json`
-(see `megatron_ec.eval.hf_routing`).
+(see `megatron_ec.moe.methods.saved`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from checkpoint_convert.outputs import check_output, copy_tokenizer, staged_dire
 from checkpoint_convert.load import expected_hf_shapes
 from checkpoint_convert.shards import Planned, plan_shards, write_shards
 from megatron_ec.data.templates import record_training_template
-from megatron_ec.eval.hf_routing import write_routing_file
 from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family
+from megatron_ec.moe.methods.saved import write_routing_file
 from megatron_ec.parallel import ParallelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

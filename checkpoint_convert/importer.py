@@ -28,7 +28,6 @@ from checkpoint_convert.outputs import (
     copy_tokenizer,
     remove_all_but,
 )
-from megatron_ec.eval.hf_routing import read_routing_file
 from megatron_ec.models.ckpt_dir import (
     LATEST,
     TOKENIZER,
@@ -40,7 +39,8 @@ from megatron_ec.models.ckpt_dir import (
 )
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, get_family
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import Method, make_method
+from megatron_ec.moe.methods.saved import read_routing_file, save_method
 from megatron_ec.parallel import ParallelConfig
 from megatron_ec.textfile import TextFileError, read_json
 
@@ -161,7 +161,7 @@ def _meta(family: Family, cfg: MoEModelConfig, hf_config, generation: dict | Non
     }
 
 
-def _write(model, root: Path, meta: dict, method: MethodState, hf_dir: Path,
+def _write(model, root: Path, meta: dict, method: Method, hf_dir: Path,
            overwrite: bool) -> Path:
     """Save through a staging directory; rank 0 writes the metadata and publishes."""
     from megatron_ec.models.dist_ckpt import save_model_weights
@@ -178,7 +178,7 @@ def _write(model, root: Path, meta: dict, method: MethodState, hf_dir: Path,
         save_model_weights(model, staging / WEIGHTS)
         if rank0:
             write_model_meta(staging, meta)
-            method.save(staging)
+            save_method(staging, method)
             copy_tokenizer(hf_dir, staging / TOKENIZER)
         dist.barrier()
         if rank0:
@@ -209,7 +209,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
     ckpt = HFCheckpoint(hf_dir, family)
     entries = expand(family, cfg)
     check_names(ckpt, entries, family)
-    method, biases = read_routing_file(hf_dir) or (MethodState(), None)
+    method, biases = read_routing_file(hf_dir) or (make_method("sft"), None)
     dtype = checkpoint_dtype(ckpt, [name for entry in entries for name in entry.hf])
 
     from megatron_ec.parallel import init_parallel

@@ -1,7 +1,7 @@
 """The Megatron model the converter fills (import) or reads (export, verify).
 
-Always built with the project's `ECRouter`, as the trainer builds it, so every MoE layer has its
-`selection_bias` buffer and routes with the family's rule (or the checkpoint's method state).
+Always assembled with the checkpoint's method (`megatron_ec.models.assembly`), as the trainer
+builds it, so every MoE layer has its `selection_bias` buffer and routes as the method says.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from checkpoint_convert.errors import ConversionError
 from megatron_ec.models.ckpt_dir import WEIGHTS, read_model_meta, resolve
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, get_family
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import Method
+from megatron_ec.moe.methods.saved import load_method
 from megatron_ec.parallel import ParallelConfig
 from megatron_ec.textfile import TextFileError
 
@@ -29,50 +30,42 @@ def precision_for(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def build_model(family: Family, cfg: MoEModelConfig, method: MethodState,
+def build_model(family: Family, cfg: MoEModelConfig, method: Method,
                 parallel: ParallelConfig, precision: str = "fp32") -> torch.nn.Module:
-    """This rank's `GPTModel`, uninitialised (every tensor is then loaded), routers set up.
+    """This rank's `GPTModel`, uninitialised (every tensor is then loaded).
 
     Args:
         family: the family adapter (its attention hook edits the spec).
         cfg: the model.
-        method: routing method; sets the router slots (k + r in reference mode).
+        method: the checkpoint's method; sets the router slots (k + r in reference mode).
         parallel: the TP/EP layout; `init_parallel` must have run with it.
         precision: "fp32" or "bf16" parameters.
     """
-    from megatron_ec.models.builder import (
-        RuntimeOptions,
-        build_gpt_model,
-        decoder_block_spec,
-        transformer_config,
-    )
-    from megatron_ec.moe.router import ec_router_builder, num_router_slots
+    from megatron_ec.models.assembly import assemble_model
+    from megatron_ec.models.builder import RuntimeOptions
 
-    runtime = RuntimeOptions(precision=precision, num_router_slots=num_router_slots(cfg, method))
-    tcfg = transformer_config(cfg, parallel, runtime)
-    # Every parameter is overwritten by the strict load, so random init is wasted time.
-    tcfg.perform_initialization = False
-    spec = decoder_block_spec(tcfg, ec_router_builder(cfg, method), family.attention_hook(cfg))
-    return build_gpt_model(cfg, tcfg, spec)
+    model, _ = assemble_model(cfg, method, parallel, RuntimeOptions(precision=precision),
+                              family=family, initialize=False)
+    return model
 
 
-def set_routing_state(model: torch.nn.Module, method: MethodState,
+def set_routing_state(model: torch.nn.Module, method: Method,
                       biases: dict[int, torch.Tensor] | None = None) -> None:
-    """Install the method state (condensers) and, if given, the per-layer selection biases."""
-    from megatron_ec.moe.state import apply_method_state, load_selection_biases
+    """Install the method's state (condensers) and, if given, the per-layer selection biases."""
+    from megatron_ec.moe.state import load_selection_biases
 
     if biases is not None:
         load_selection_biases(model, biases)
-    apply_method_state(model, method)
+    method.apply(model)
 
 
-def open_checkpoint(ckpt: str | Path) -> tuple[Path, dict, MoEModelConfig, MethodState]:
-    """(iteration dir, model.json, model config, method state) of a megatron_ec checkpoint."""
+def open_checkpoint(ckpt: str | Path) -> tuple[Path, dict, MoEModelConfig, Method]:
+    """(iteration dir, model.json, model config, method) of a megatron_ec checkpoint."""
     try:
         iteration = resolve(ckpt)
         meta = read_model_meta(iteration)
         cfg = MoEModelConfig.from_dict(meta["model_config"])
-        return iteration, meta, cfg, MethodState.load(iteration)
+        return iteration, meta, cfg, load_method(iteration)
     except TextFileError as err:  # already `file:line: what; fix`
         raise ConversionError(err.location, err.problem, err.fix) from None
     except ValueError as err:

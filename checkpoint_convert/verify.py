@@ -42,7 +42,7 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """[B, S, vocab] fp32 logits of stock transformers, with the exported routing restored."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_ec.eval.hf_routing import restore_condenser_routing
+    from megatron_ec.models.hf_restore import restore_condenser_routing
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     restore_condenser_routing(model, hf_dir)

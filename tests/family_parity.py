@@ -165,20 +165,12 @@ def save_reference(hf_config, out_dir, seed: int = 0, fused: bool = False) -> Pa
 
 def build_megatron(model_type: str, model_cfg: MoEModelConfig, parallel):
     """This rank's GPTModel with the family's attention hook and the SFT `ECRouter`."""
-    from megatron_ec.models.builder import (
-        RuntimeOptions,
-        build_gpt_model,
-        decoder_block_spec,
-        transformer_config,
-    )
-    from megatron_ec.moe.method_state import MethodState
-    from megatron_ec.moe.router import ec_router_builder
+    from megatron_ec.models.assembly import assemble_model
+    from megatron_ec.models.builder import RuntimeOptions
+    from megatron_ec.moe.methods import make_method
 
-    family = get_family(model_type)
-    tcfg = transformer_config(model_cfg, parallel, RuntimeOptions(seq_length=SEQ))
-    spec = decoder_block_spec(tcfg, ec_router_builder(model_cfg, MethodState()),
-                              family.attention_hook(model_cfg))
-    return build_gpt_model(model_cfg, tcfg, spec), tcfg
+    return assemble_model(model_cfg, make_method("sft"), parallel, RuntimeOptions(seq_length=SEQ),
+                          family=get_family(model_type))
 
 
 def _gathered_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_ec.models.builder import RuntimeOptions, local_block_spec, transformer_config
-from megatron_ec.moe.spec import inject_router
+from megatron_ec.moe.spec import inject_moe_submodules
 from megatron_ec.parallel import ParallelConfig, check_layout
 from tests.tiny import tiny_config
 
@@ -62,7 +62,7 @@ def test_local_spec_and_router_injection():
     class MarkerRouter:  # only its identity matters here
         pass
 
-    injected = inject_router(spec, MarkerRouter)
+    injected = inject_moe_submodules(spec, router=MarkerRouter)
     moe = [ls.submodules.mlp for ls in injected.layer_specs if getattr(ls.submodules.mlp, "func", None) is MoELayer]
     assert len(moe) == 2 and all(m.keywords["submodules"].router is MarkerRouter for m in moe)
     # the input spec is untouched, dense layers are unchanged

@@ -19,7 +19,8 @@ from megatron_ec.eval.hf_routing import read_routing_file, restore_condenser_rou
 from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS, publish, staging_dir, write_model_meta
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
 from megatron_ec.models.family import get_family
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import Method, make_method
+from megatron_ec.moe.methods.saved import save_method
 from megatron_ec.moe.state import selection_biases
 from megatron_ec.parallel import ParallelConfig, shutdown_parallel
 from tests.convert_testing import hf_logits, random_tokens
@@ -42,7 +43,7 @@ def learned_biases(cfg, seed: int) -> dict[int, torch.Tensor]:
             for layer in cfg.moe_layers}
 
 
-def with_routing(src_ckpt, dst, method: MethodState, seed: int):
+def with_routing(src_ckpt, dst, method: Method, seed: int):
     """A copy of an imported checkpoint carrying `method` and non-trivial selection biases."""
     iteration, meta, cfg, _ = open_checkpoint(src_ckpt)
     model = build_model(get_family(meta["family"]), cfg, method, ParallelConfig())
@@ -51,7 +52,7 @@ def with_routing(src_ckpt, dst, method: MethodState, seed: int):
     staging = staging_dir(dst, 0)
     save_model_weights(model, staging / WEIGHTS)
     write_model_meta(staging, meta)
-    method.save(staging)
+    save_method(staging, method)
     shutil.copytree(iteration / TOKENIZER, staging / TOKENIZER)
     return publish(dst, 0)
 
@@ -71,8 +72,9 @@ def test_exported_condenser_routing_matches_megatron(tmp_path, capsys, family, n
     import_hf(hf_dir, tmp_path / "plain")
     cfg = open_checkpoint(tmp_path / "plain")[2]
     condensers = {layer: ids for layer in cfg.moe_layers} if ids else {}
-    method = MethodState(name=name, condenser_mode=mode, gamma=GAMMA, condensers=condensers,
-                         num_condensers=len(ids))
+    extra = dict(num_condensers=len(ids), condensers=condensers) if ids else {}
+    method = make_method(name, condenser_mode=mode, gamma=GAMMA, **extra,
+                         decisions={"condensers": condensers} if ids else None)
     ckpt = with_routing(tmp_path / "plain", tmp_path / "ec", method, seed=3)
     export_hf(ckpt, tmp_path / "out")
 
@@ -103,8 +105,8 @@ def test_reference_mode_computes_k_plus_r_experts(tmp_path):
     from megatron_ec.eval.hf_routing import write_routing_file
 
     hf_dir = make_tiny_hf("qwen3_moe", tmp_path / "hf")
-    method = MethodState(name="condenser", condenser_mode="reference", condensers={1: [0, 5]},
-                         num_condensers=[2, 0])
+    method = make_method("condenser", condenser_mode="reference", num_condensers=[2, 0],
+                         decisions={"condensers": {1: [0, 5]}})
     write_routing_file(hf_dir, method, {1: torch.zeros(6), 2: torch.zeros(6)})
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     assert restore_condenser_routing(model, hf_dir) == 2
@@ -123,7 +125,7 @@ def test_sft_state_leaves_the_model_unchanged(tmp_path):
     hf_dir = make_tiny_hf("mixtral", tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     assert restore_condenser_routing(model, hf_dir) == 0  # no routing file at all
-    write_routing_file(hf_dir, MethodState(), {0: torch.ones(6), 1: torch.ones(6)})
+    write_routing_file(hf_dir, make_method("sft"), {0: torch.ones(6), 1: torch.ones(6)})
     gate = model.model.layers[0].mlp.gate
     assert restore_condenser_routing(model, hf_dir) == 0 and model.model.layers[0].mlp.gate is gate
 
@@ -137,7 +139,7 @@ def test_restored_bias_stays_fp32_in_a_bf16_model(tmp_path):
     hf_dir = make_tiny_hf("qwen2_moe", tmp_path / "hf")
     # Steps of 5e-5 around 0.1: bf16 would round them away.
     bias = torch.tensor([0.10005, -0.1, 0.10010, 0.0, -0.10005, 0.10015])
-    method = MethodState(name="bias")
+    method = make_method("bias")
     write_routing_file(hf_dir, method, {1: bias, 2: bias})
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     assert restore_condenser_routing(model, hf_dir) == 2

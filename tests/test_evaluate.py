@@ -7,7 +7,7 @@ import torch
 
 from megatron_ec import evaluate
 from megatron_ec.eval.tasks import TASKS
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import make_method
 
 MAX_NEW_TOKENS = 8
 QUESTIONS = {
@@ -29,7 +29,8 @@ def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     train, _ = write_demo_data(str(root / "demo"), num_train=100, num_heldout=1)
     hf_dir = make_tiny_qwen2_moe(str(root / "tiny"), [train], seed=3)
-    method = MethodState(name="condenser", num_condensers=1, condensers={0: [3], 1: [5]})
+    method = make_method("condenser", num_condensers=1,
+                         decisions={"condensers": {0: [3], 1: [5]}})
     generator = torch.Generator().manual_seed(0)
     write_routing_file(hf_dir, method, {layer: torch.randn(8, generator=generator)
                                         for layer in (0, 1)})

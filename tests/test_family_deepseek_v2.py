@@ -9,8 +9,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkR
 
 from megatron_ec.models.config import RopeScaling
 from megatron_ec.models.family import get_family
-from megatron_ec.moe.method_state import MethodState
-from megatron_ec.moe.router import routing_config
+from megatron_ec.moe.methods import make_method
 from megatron_ec.moe.routing import route
 from tests.family_checks import FamilyParityChecks
 
@@ -95,7 +94,7 @@ def test_routing_matches_hf_router(case):
     logits, weights, ids = router(hidden)
     expected = torch.zeros_like(logits).scatter(1, ids, weights)
     model_cfg = get_family("deepseek_v2").to_model_config(hf_config)
-    probs, routing_map = route(logits, routing_config(model_cfg, MethodState()))
+    probs, routing_map = route(logits, make_method("sft").routing(model_cfg.moe_facts()))
     assert torch.equal(routing_map, expected > 0)
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
 

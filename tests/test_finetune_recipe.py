@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from megatron_ec.models import ckpt_dir
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods.saved import load_method
 from megatron_ec.moe.routing import select_condensers
 from megatron_ec.training.metrics import read_metrics
 from tests.test_finetune_support import (  # noqa: F401
@@ -32,7 +32,7 @@ def test_two_phases_chain_export_and_rerun(demo_start, tmp_path):  # noqa: F811
     assert phase1[-1]["loss"] < phase1[0]["loss"]
     # Phase 2's condensers are the two lowest-bias experts of phase 1's final bias, fixed.
     biases = selection_biases(ckpt_dir.latest_iteration(tmp_path / "phase1"))
-    chosen = MethodState.load(ckpt_dir.latest_iteration(tmp_path / "phase2")).condensers
+    chosen = load_method(ckpt_dir.latest_iteration(tmp_path / "phase2")).decisions.condensers
     assert chosen == {layer: select_condensers(bias, 2).tolist() for layer, bias in biases.items()}
     for record in phase2:
         for layer, experts in chosen.items():

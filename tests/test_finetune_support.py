@@ -34,29 +34,23 @@ def tiny_model_dict(vocab_size: int) -> dict:
 
 def _write_checkpoint_rank(root: str, model_dict: dict, tokenizer_dir: str) -> None:
     from megatron_ec.models import ckpt_dir
-    from megatron_ec.models.builder import (
-        RuntimeOptions,
-        build_gpt_model,
-        decoder_block_spec,
-        transformer_config,
-    )
+    from megatron_ec.models.assembly import assemble_model
+    from megatron_ec.models.builder import RuntimeOptions
     from megatron_ec.models.config import MoEModelConfig
     from megatron_ec.models.dist_ckpt import save_model_weights
-    from megatron_ec.moe.method_state import MethodState
-    from megatron_ec.moe.router import ec_router_builder
+    from megatron_ec.moe.methods import make_method
+    from megatron_ec.moe.methods.saved import save_method
     from megatron_ec.parallel import ParallelConfig, init_parallel
 
     init_parallel(ParallelConfig(), seed=7)
     model_cfg = MoEModelConfig.from_dict(model_dict)
-    tcfg = transformer_config(model_cfg, ParallelConfig(), RuntimeOptions(seq_length=SEQ))
-    method = MethodState()
-    model = build_gpt_model(model_cfg, tcfg,
-                            decoder_block_spec(tcfg, ec_router_builder(model_cfg, method)))
+    method = make_method("sft")
+    model, _ = assemble_model(model_cfg, method, ParallelConfig(), RuntimeOptions(seq_length=SEQ))
     stage = ckpt_dir.staging_dir(root, 0)
     save_model_weights(model, stage / ckpt_dir.WEIGHTS)
     ckpt_dir.write_model_meta(stage, {"family": "", "model_config": model_dict, "hf_config": {},
                                       "padded_vocab_size": model_cfg.padded_vocab_size})
-    method.save(stage)
+    save_method(stage, method)
     shutil.copytree(tokenizer_dir, stage / ckpt_dir.TOKENIZER)
     ckpt_dir.publish(root, 0)
 

@@ -47,26 +47,25 @@ def _naive_valid_losses(config: str, iterations: list[str]) -> tuple[int, list[f
     import torch
 
     from megatron_ec.data import build_sft_dataset, collate, load_tokenizer
-    from megatron_ec.finetune import load_phase_config
     from megatron_ec.models import ckpt_dir
     from megatron_ec.models.config import MoEModelConfig
-    from megatron_ec.moe import state
-    from megatron_ec.moe.method_state import MethodState
+    from megatron_ec.moe.methods.saved import load_method
     from megatron_ec.parallel import ParallelConfig, init_parallel
     from megatron_ec.training import checkpoint
     from megatron_ec.training.loop import StartPoint, build_model
+    from megatron_ec.training.phase import load_phase_config
 
     init_parallel(ParallelConfig(), seed=1)
     cfg = load_phase_config(config, [], None)
     results = []
     for iteration in map(Path, iterations):
         model_cfg = MoEModelConfig.from_dict(ckpt_dir.read_model_meta(iteration)["model_config"])
-        method = MethodState.load(iteration)
+        method = load_method(iteration)
         start = StartPoint(source=iteration, model_cfg=model_cfg, family="",
                            source_method=method, resume=None)
         model, _ = build_model(start, cfg, method)
         checkpoint.load_weights(model, iteration)
-        state.apply_method_state(model, method)
+        method.apply(model)
         model.eval()
         tokenizer = load_tokenizer(str(iteration / ckpt_dir.TOKENIZER))
         dataset = build_sft_dataset(cfg.data, tokenizer, model_cfg.vocab_size, split="valid")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dataclasses
+
 from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.moe import state
-from megatron_ec.moe.method_state import MethodState
-from megatron_ec.moe.router import ec_router_builder, num_router_slots
+from megatron_ec.moe.methods import Method, build_method, make_method
+from megatron_ec.moe.methods.saved import load_method, save_method
 from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_parallel
-from tests.tiny import SEQ, build_tiny, forward_loss, tiny_batch, tiny_config
+from tests.tiny import SEQ, build_tiny, forward_loss, start_phase, tiny_batch, tiny_config
 
 PARALLEL = ParallelConfig()
 
@@ -22,12 +24,8 @@ def one_rank():
     shutdown_parallel()
 
 
-def build(method: MethodState, **runtime):
-    model_cfg = tiny_config()
-    options = RuntimeOptions(seq_length=SEQ, num_router_slots=num_router_slots(model_cfg, method),
-                             **runtime)
-    model, tcfg = build_tiny(PARALLEL, model_cfg, options, ec_router_builder(model_cfg, method))
-    return model, tcfg
+def build(method: Method, **runtime):
+    return build_tiny(PARALLEL, tiny_config(), RuntimeOptions(seq_length=SEQ, **runtime), method)
 
 
 def with_learned_bias(model):
@@ -53,11 +51,12 @@ def capture_logits(model) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 def test_condensers_get_gradient_on_every_token(mode):
-    method = MethodState(name="condenser", condenser_mode=mode, num_condensers=2)
+    method = make_method("condenser", condenser_mode=mode, num_condensers=2)
     model, _ = build(method)
     with_learned_bias(model)
-    state.start_condenser_phase(model, method)
-    assert all(ids == [1, 3] for ids in method.condensers.values())  # the two lowest biases
+    start_phase(model, method)
+    # the two lowest biases
+    assert all(ids == [1, 3] for ids in method.decisions.condensers.values())
     logits = capture_logits(model)
     batch = tiny_batch()
     forward_loss(model, batch).backward()
@@ -75,7 +74,7 @@ def test_condensers_get_gradient_on_every_token(mode):
 def test_bias_stays_fp32_in_bf16_models():
     from megatron.core.transformer.module import Float16Module
 
-    method = MethodState(name="bias", gamma=5e-5)
+    method = make_method("bias", gamma=5e-5)
     model, tcfg = build(method, precision="bf16")
     wrapped = Float16Module(tcfg, model).to(torch.bfloat16)
     routers = state.ec_routers(wrapped)
@@ -101,7 +100,7 @@ def one_training_forward(model, batch):
 
 
 def test_recompute_counts_usage_once_and_moves_bias_once():
-    method = MethodState(name="bias", gamma=1e-2)
+    method = make_method("bias", gamma=1e-2)
     plain, _ = build(method)
     recomputed, _ = build(method, recompute="full")
     recomputed.load_state_dict(plain.state_dict())
@@ -122,7 +121,7 @@ def test_recompute_counts_usage_once_and_moves_bias_once():
 
 
 def test_eval_never_counts_or_moves_the_bias():
-    method = MethodState(name="bias", gamma=1e-2)
+    method = make_method("bias", gamma=1e-2)
     model, _ = build(method)
     model.eval()
     with torch.no_grad():
@@ -138,7 +137,7 @@ def test_eval_never_counts_or_moves_the_bias():
 
 @pytest.mark.parametrize("signal", ["soft", "hard"])
 def test_padding_never_counts(signal):
-    method = MethodState(name="bias", usage_signal=signal)
+    method = make_method("bias", usage_signal=signal)
     model, _ = build(method)
     batch = tiny_batch()
     other = dict(batch, tokens=batch["tokens"].clone())
@@ -153,28 +152,28 @@ def test_padding_never_counts(signal):
 
 
 def test_condenser_phase_needs_a_learned_bias():
-    method = MethodState(name="condenser", num_condensers=2)
+    method = make_method("condenser", num_condensers=2)
     model, _ = build(method)
     with pytest.raises(ValueError, match="bias is all zeros.*bias-phase checkpoint"):
-        state.start_condenser_phase(model, method)
-    listed = MethodState(name="condenser", num_condensers=2, condensers={1: [4, 5], 2: [0, 2]})
+        start_phase(model, method)
+    listed = make_method("condenser", num_condensers=2, condensers={1: [4, 5], 2: [0, 2]})
     model, _ = build(listed)
-    state.start_condenser_phase(model, listed)  # listed condensers need no bias
+    start_phase(model, listed)  # listed condensers need no bias
     assert [r.condenser_ids.tolist() for r in state.ec_routers(model)] == [[4, 5], [0, 2]]
 
 
 def test_per_layer_r_and_reference_placeholders():
-    method = MethodState(name="condenser", condenser_mode="reference", num_condensers=[0, 2])
+    method = make_method("condenser", condenser_mode="reference", num_condensers=[0, 2])
     model, tcfg = build(method)
     assert tcfg.moe_router_topk == 4  # k + max r
     with_learned_bias(model)
-    state.start_condenser_phase(model, method)
+    start_phase(model, method)
     maps = []
     for router in state.ec_routers(model):
         router.routing = _recording(router.routing, maps)
     forward_loss(model, tiny_batch())
     assert [int(m.sum(1).unique().item()) for m in maps] == [4, 4]
-    assert method.condensers == {1: [], 2: [1, 3]}
+    assert method.decisions.condensers == {1: [], 2: [1, 3]}
 
 
 def _recording(routing, sink):
@@ -186,19 +185,16 @@ def _recording(routing, sink):
 
 
 def test_partial_condenser_list_is_filled_from_the_bias():
-    from megatron_ec.training.method import begin_phase
-
-    method = MethodState(name="condenser", num_condensers=2, condensers={2: [0, 5]})
+    method = make_method("condenser", num_condensers=2, condensers={2: [0, 5]})
     model, _ = build(method)
     with_learned_bias(model)
-    chosen = begin_phase(model, method, MethodState(), resumed=False)
-    assert chosen.condensers == {1: [1, 3], 2: [0, 5]}  # layer 1 from the bias, layer 2 as listed
+    chosen = start_phase(model, method)
+    assert chosen.decisions.condensers == {1: [1, 3], 2: [0, 5]}  # layer 1 from the bias, 2 listed
     assert [r.condenser_ids.tolist() for r in state.ec_routers(model)] == [[1, 3], [0, 5]]
     # The starting checkpoint's J is kept for unlisted layers (J is fixed once chosen).
-    source = MethodState(name="condenser", condensers={1: [2, 4], 2: [1, 3]})
-    carried = begin_phase(model, MethodState(name="condenser", condensers={2: [0, 5]}), source,
-                          resumed=False)
-    assert carried.condensers == {1: [2, 4], 2: [0, 5]}
+    source = make_method("condenser", decisions={"condensers": {1: [2, 4], 2: [1, 3]}})
+    carried = start_phase(model, make_method("condenser", condensers={2: [0, 5]}), source)
+    assert carried.decisions.condensers == {1: [2, 4], 2: [0, 5]}
 
 
 @pytest.mark.parametrize("listed, message", [
@@ -208,13 +204,11 @@ def test_partial_condenser_list_is_filled_from_the_bias():
     ({1: [3, 3]}, r"expert ids must be distinct"),
 ])
 def test_listed_condensers_are_validated(listed, message):
-    from megatron_ec.training.method import begin_phase
-
-    method = MethodState(name="condenser", num_condensers=2, condensers=listed)
+    method = make_method("condenser", num_condensers=2, condensers=listed)
     model, _ = build(method)
     with_learned_bias(model)
     with pytest.raises(ValueError, match=message):
-        begin_phase(model, method, MethodState(), resumed=False)
+        start_phase(model, method)
 
 
 def _recording_logits(router, sink):
@@ -230,17 +224,18 @@ def _recording_logits(router, sink):
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 def test_persistent_path_ablation_is_plain_biased_topk(mode):
     """Paper Sec. 6.3: without the forcing, layer routing = top-k of s + b, nothing else changed."""
-    method = MethodState(name="condenser", condenser_mode=mode, num_condensers=2)
+    method = make_method("condenser", condenser_mode=mode, num_condensers=2)
     model, _ = build(method)
     with_learned_bias(model)
-    state.start_condenser_phase(model, method)
+    start_phase(model, method)
     router = state.ec_routers(model)[1]  # layer 2, condensers [1, 3]
     cfg, bias_E = router.routing_cfg, router.selection_bias.clone()
     assert cfg.score_function == "softmax" and cfg.scaling_factor == 1.0  # the oracle below
     records = []
     _recording_logits(router, records)
     model.eval()
-    method.force_condensers = False
+    ablated = dataclasses.replace(method.config, force_condensers=False)
+    build_method(ablated, method.decisions).apply(model)
     with torch.no_grad():
         forward_loss(model, tiny_batch())
     (logits_TE, probs_TE, routing_map_TE), = records
@@ -268,10 +263,10 @@ def test_persistent_path_ablation_is_plain_biased_topk(mode):
 
 
 def test_metrics_report_bias_gini_and_condensers():
-    method = MethodState(name="condenser", num_condensers=2, gamma=1e-3)
+    method = make_method("condenser", num_condensers=2, gamma=1e-3)
     model, _ = build(method)
     with_learned_bias(model)
-    state.start_condenser_phase(model, method)
+    start_phase(model, method)
     one_training_forward(model, tiny_batch())
     state.bias_update_step(model)
     metrics = state.routing_metrics(model)
@@ -284,11 +279,12 @@ def test_metrics_report_bias_gini_and_condensers():
 
 
 def test_method_state_round_trip(tmp_path):
-    method = MethodState(name="condenser", condenser_mode="reference", gamma=5e-5,
-                         num_condensers=[1, 2], condensers={1: [3], 2: [0, 5]})
-    method.save(tmp_path)
-    assert MethodState.load(tmp_path) == method
+    method = make_method("condenser", condenser_mode="reference", gamma=5e-5,
+                         num_condensers=[1, 2], condensers={1: [3], 2: [0, 5]},
+                         decisions={"condensers": {1: [3], 2: [0, 5]}})
+    save_method(tmp_path, method)
+    assert load_method(tmp_path) == method
     with pytest.raises(ValueError, match="direction"):
-        MethodState(direction="sideways")
+        make_method("bias", direction="sideways")
     with pytest.raises(ValueError, match="one r per MoE layer"):
-        method.condensers_for([1, 2, 3])
+        method.config.condensers_for([1, 2, 3])

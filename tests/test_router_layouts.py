@@ -15,12 +15,12 @@ from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
 from megatron_ec.models.layout import full_tensors, load_full_tensors
 from megatron_ec.moe import state
-from megatron_ec.moe.method_state import MethodState
-from megatron_ec.moe.router import ec_router_builder, num_router_slots
+from megatron_ec.moe.methods import make_method
+from megatron_ec.moe.methods.saved import method_from_record, method_record
 from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_parallel
 from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from tests.harness import run_on_ranks
-from tests.tiny import SEQ, build_tiny, forward_loss, tiny_batch, tiny_config
+from tests.tiny import SEQ, build_tiny, forward_loss, start_phase, tiny_batch, tiny_config
 from tests.tolerance import FP32_LAYOUT, assert_all_close_scaled, assert_close_scaled
 
 GAMMA = 0.05  # large, so that three steps visibly change the routing of the tiny model
@@ -29,9 +29,9 @@ LR = 0.05
 step over step; at 0.05 every phase's loss stays at or below where the phase started."""
 LAYOUTS = [((1, 1), "alltoall"), ((2, 2), "alltoall"), ((2, 2), "allgather")]
 PHASES = [
-    MethodState(name="bias", gamma=GAMMA),
-    MethodState(name="condenser", condenser_mode="paper", gamma=GAMMA, num_condensers=2),
-    MethodState(name="condenser", condenser_mode="reference", gamma=GAMMA, num_condensers=[1, 2]),
+    make_method("bias", gamma=GAMMA),
+    make_method("condenser", condenser_mode="paper", gamma=GAMMA, num_condensers=2),
+    make_method("condenser", condenser_mode="reference", gamma=GAMMA, num_condensers=[1, 2]),
 ]
 STEPS = 3
 TIE_MARGIN = 2.0
@@ -40,9 +40,7 @@ usage is checked to within one limit, so u_e - mean(u) moves by at most two and 
 
 
 def _build(parallel, method):
-    model_cfg = tiny_config()
-    options = RuntimeOptions(seq_length=SEQ, num_router_slots=num_router_slots(model_cfg, method))
-    return build_tiny(parallel, model_cfg, options, ec_router_builder(model_cfg, method))
+    return build_tiny(parallel, tiny_config(), RuntimeOptions(seq_length=SEQ), method)
 
 
 def _train(model, tcfg, steps: int):
@@ -70,7 +68,7 @@ def _train(model, tcfg, steps: int):
 
 DP_LAYOUTS = [(1, 1), (2, 2)]
 """(TP, EP) on 4 ranks: data parallel 4, and 2 with tensor (sequence) parallel ranks inside."""
-DP_METHOD = MethodState(name="bias", gamma=GAMMA)
+DP_METHOD = make_method("bias", gamma=GAMMA)
 
 
 def dp_batch(dp_rank: int) -> dict[str, torch.Tensor]:
@@ -100,7 +98,7 @@ def _dp_usage(tmp_dir) -> dict:
     for tp, ep in DP_LAYOUTS:
         parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
         init_parallel(parallel, seed=5)
-        model, _ = _build(parallel, MethodState.from_dict(DP_METHOD.to_dict()))
+        model, _ = _build(parallel, method_from_record(method_record(DP_METHOD)))
         (save_model_weights if (tp, ep) == (1, 1) else load_model_weights)(
             model, f"{tmp_dir}/dp_start")
         batch = dp_batch(parallel_state.get_data_parallel_rank())
@@ -119,7 +117,7 @@ def router_layouts_worker(tmp_dir):
         init_parallel(parallel, seed=1234)
         weights, biases = None, None
         for index, phase in enumerate(PHASES):
-            method = MethodState.from_dict(phase.to_dict())
+            method = method_from_record(method_record(phase))  # a fresh copy per layout
             model, tcfg = _build(parallel, method)
             if weights is None:
                 (save_model_weights if (tp, ep) == (1, 1) else load_model_weights)(
@@ -127,11 +125,11 @@ def router_layouts_worker(tmp_dir):
             else:
                 load_full_tensors(model, weights)
                 state.load_selection_biases(model, biases)
-                state.start_condenser_phase(model, method)
+                start_phase(model, method)
             losses, grads, usage = _train(model, tcfg, steps=STEPS)
             weights, biases = full_tensors(model), state.selection_biases(model)
-            results[((tp, ep), dispatcher, index)] = (losses, grads, biases,
-                                                      dict(method.condensers), usage)
+            condensers = dict(getattr(method.decisions, "condensers", {}))
+            results[((tp, ep), dispatcher, index)] = (losses, grads, biases, condensers, usage)
     return results
 
 
@@ -189,7 +187,7 @@ def _single_process_usage(ckpt_dir, batch):
     parallel = ParallelConfig()
     init_parallel(parallel, seed=5)
     try:
-        model, _ = _build(parallel, MethodState.from_dict(DP_METHOD.to_dict()))
+        model, _ = _build(parallel, method_from_record(method_record(DP_METHOD)))
         load_model_weights(model, ckpt_dir)
         return _usage_and_bias(model, batch)
     finally:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_ec.recipe import Recipe
 from megatron_ec.training.config import FinetuneConfig, TrainConfig
 from megatron_ec.training.config_tree import ConfigError, apply_overrides, build
 from megatron_ec.training.progress import Progress
+from megatron_ec.training.recipe import Recipe
 from megatron_ec.training.schedule import WarmupCosine
 
 BASE = {"model": {"checkpoint": "ckpt"}, "data": {"train": "train.jsonl"},
@@ -72,7 +72,7 @@ def test_eval_interval_is_checked_and_listed():
     assert TrainConfig().eval_interval is None
     with pytest.raises(ValueError, match="train.eval_interval=-1"):
         TrainConfig(eval_interval=-1)
-    from megatron_ec.finetune import list_keys
+    from megatron_ec.training.launch import list_keys
 
     assert "train.eval_interval = None" in list_keys()
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ec.models.builder import (
-    RuntimeOptions,
-    build_gpt_model,
-    decoder_block_spec,
-    transformer_config,
-)
+from megatron_ec.models.assembly import assemble_model
+from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.moe.methods import Method, make_method
 from megatron_ec.parallel import ParallelConfig
 
 SEQ = 16
@@ -30,12 +27,10 @@ def tiny_config(**overrides) -> MoEModelConfig:
 
 
 def build_tiny(parallel: ParallelConfig, model_cfg: MoEModelConfig | None = None,
-               runtime: RuntimeOptions | None = None, router_builder=None):
-    """(model, TransformerConfig) for this rank's slice of the tiny model."""
-    model_cfg = model_cfg or tiny_config()
-    tcfg = transformer_config(model_cfg, parallel, runtime or RuntimeOptions(seq_length=SEQ))
-    model = build_gpt_model(model_cfg, tcfg, decoder_block_spec(tcfg, router_builder))
-    return model, tcfg
+               runtime: RuntimeOptions | None = None, method: Method | None = None):
+    """(model, TransformerConfig) for this rank's slice of the tiny model (SFT by default)."""
+    return assemble_model(model_cfg or tiny_config(), method or make_method("sft"), parallel,
+                          runtime or RuntimeOptions(seq_length=SEQ))
 
 
 def tiny_batch(seed: int = 0, vocab: int = 250) -> dict[str, torch.Tensor]:
@@ -61,3 +56,12 @@ def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    labels=batch["labels"], padding_mask=batch["padding_mask"])
     return (losses.float() * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+
+
+def start_phase(model, method: Method, source: Method | None = None) -> Method:
+    """`method.begin_phase` on a model with loaded weights, starting from a checkpoint of
+    `source` (default: a plain SFT import), not resumed."""
+    from megatron_ec.moe.methods import PhaseStart
+
+    method.begin_phase(PhaseStart(model, source or make_method("sft"), resumed=False))
+    return method

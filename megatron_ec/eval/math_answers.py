@@ -73,6 +73,8 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str],
     prompt token sits at the same position. Returns only the generated text, special tokens
     removed.
     """
+    from megatron_ec.eval.generate import left_pad
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -80,7 +82,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str],
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            input_ids, attention_mask = _left_pad(
+            input_ids, attention_mask = left_pad(
                 tokenizer(list(prompts[start:start + batch_size]), add_special_tokens=False)
                 ["input_ids"], pad_id,
             )
@@ -92,17 +94,6 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str],
             new_tokens = generated[:, input_ids.shape[1]:]
             completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return completions
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        if row:
-            input_ids[index, -len(row):] = torch.tensor(row)
-            attention_mask[index, -len(row):] = 1
-    return input_ids, attention_mask
 
 
 @dataclasses.dataclass(frozen=True)

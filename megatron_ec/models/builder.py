@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from megatron_ec.compat import SequenceParallelTorchNorm
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.moe.spec import inject_router
+from megatron_ec.moe.spec import inject_moe_submodules
 from megatron_ec.parallel import ParallelConfig
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -236,14 +236,16 @@ def local_block_spec(tcfg):
 
 
 def decoder_block_spec(tcfg, router_builder: Callable | None = None,
-                       attention_hook: Callable | None = None):
-    """The decoder block spec for this machine's backend, with our router injected.
+                       attention_hook: Callable | None = None,
+                       experts_builder: Callable | None = None):
+    """The decoder block spec for this machine's backend, with a method's router injected.
 
     Args:
         tcfg: the `TransformerConfig` from `transformer_config()`.
         router_builder: router class (or partial) for every MoE layer; None = MCore's TopKRouter.
         attention_hook: a family quirk that edits the block spec's attention (e.g. OLMoE's
             full-width QK-norm); called with and returning the block spec.
+        experts_builder: a method's `MoESubmodules.experts` builder; None = MCore's experts.
     """
     if use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -253,8 +255,8 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
         spec = local_block_spec(tcfg)
     if attention_hook is not None:
         spec = attention_hook(spec)
-    if router_builder is not None:
-        spec = inject_router(spec, router_builder)
+    if router_builder is not None or experts_builder is not None:
+        spec = inject_moe_submodules(spec, router=router_builder, experts=experts_builder)
     return spec
 
 

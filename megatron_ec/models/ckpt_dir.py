@@ -5,7 +5,7 @@
       iter_0000120/
         weights/                torch_dist checkpoint of the model (any TP/EP layout)
         model.json              {"family", "model_config", "hf_config", "padded_vocab_size"}
-        method_state.json       megatron_ec.moe.method_state.MethodState
+        method_state.json       the method record (`megatron_ec.moe.methods.saved`)
         tokenizer/              the HF tokenizer files, copied at import
         train_state/            trainer only: optimizer, scheduler, RNG, data position
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from megatron_ec.moe.methods.base import MoEFacts
+from megatron_ec.moe.routing import RoutingConfig
+
 
 @dataclass(frozen=True)
 class MLAConfig:
@@ -159,6 +162,16 @@ class MoEModelConfig:
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    def moe_facts(self) -> MoEFacts:
+        """What a fine-tuning method may know about this model: its routing rule and MoE layers."""
+        routing = RoutingConfig(
+            num_experts=self.num_experts, topk=self.topk, score_function=self.score_function,
+            norm_topk_prob=self.norm_topk_prob, scaling_factor=self.routed_scaling_factor,
+            num_groups=self.num_groups, group_topk=self.group_topk,
+        )
+        return MoEFacts(routing=routing, moe_layers=self.moe_layers,
+                        aux_loss_coeff=self.aux_loss_coeff)
 
     def replace(self, **changes) -> "MoEModelConfig":
         return dataclasses.replace(self, **changes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from megatron_ec.models.config import MLAConfig, MoEModelConfig, RopeScaling
 from megatron_ec.models.family import Family, Rule, register
+from megatron_ec.models.hf_gate import GateAdapter
 from megatron_ec.models.transforms import H, M, fused_expert_layout, gate_up, same
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
@@ -182,6 +183,7 @@ class DeepseekV2Family(Family):
     """DeepSeek-V2, V2-Lite, DeepSeek-Coder-V2(-Lite)."""
 
     model_type = "deepseek_v2"
+    hf_gate = GateAdapter("DeepseekV2Moe", fp32_weights=True)
     ignored_hf_keys = (r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
     fused_experts = FUSED_EXPERTS
 

@@ -16,7 +16,9 @@ A family file (`megatron_ec/models/<model_type>.py`) is data first:
   full-width QK-norm), or None;
 - `mxfp4_tensors`: HF name patterns that a checkpoint may store MXFP4-quantised as
   `<name>_blocks` + `<name>_scales` (GPT-OSS experts); import dequantises them, export writes
-  the plain tensor.
+  the plain tensor;
+- `hf_gate`: the `GateAdapter` that finds and swaps the router of the family's HF MoE blocks, so
+  an exported model routes like the trained one (`megatron_ec.models.hf_restore`).
 
 Names in rules use `{layer}` and `{expert}` placeholders; `layers` says which layers a rule covers.
 
@@ -41,6 +43,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 
 from megatron_ec.models.config import MoEModelConfig
+from megatron_ec.models.hf_gate import GateAdapter
 
 ToMegatron = Callable[[Sequence[torch.Tensor], MoEModelConfig], torch.Tensor]
 ToHF = Callable[[torch.Tensor, MoEModelConfig], Sequence[torch.Tensor]]
@@ -111,6 +114,8 @@ class Family(ABC):
     fused_experts: ClassVar[tuple[FusedExperts, ...]] = ()
     mxfp4_tensors: ClassVar[tuple[str, ...]] = ()
     """HF name patterns (with {layer}) that may be stored as MXFP4 `_blocks`/`_scales` pairs."""
+    hf_gate: ClassVar[GateAdapter | None] = None
+    """The HF MoE block's router, swapped by `restore_condenser_routing`; None = not supported."""
 
     @abstractmethod
     def to_model_config(self, hf_config) -> MoEModelConfig:

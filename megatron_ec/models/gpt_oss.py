@@ -24,6 +24,7 @@ import torch
 from megatron_ec.models.config import ClampedSwiGLU, MoEModelConfig, RopeScaling
 from megatron_ec.models.family import Family, Rule, register
 from megatron_ec.models.hf_config import require
+from megatron_ec.models.hf_gate import GateAdapter
 from megatron_ec.models.transforms import ATTN, MEGATRON_EXPERT, H, M, qkv, same
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
@@ -152,6 +153,8 @@ class GptOss(Family):
     model_type = "gpt_oss"
     ignored_hf_keys = (r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
     mxfp4_tensors = (EXPERTS + "gate_up_proj", EXPERTS + "down_proj")
+    # GptOssTopKRouter: logits with its own bias, scores softmaxed in the hidden dtype
+    hf_gate = GateAdapter("GptOssMLP", gate_attr="router")
 
     def to_model_config(self, hf_config) -> MoEModelConfig:
         require(self.model_type, _checks(hf_config))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, register
 from megatron_ec.models.hf_config import common_checks, decoder_fields, decoder_hf_fields, require
+from megatron_ec.models.hf_gate import GateAdapter
 from megatron_ec.models.transforms import H, decoder_rules, fused_expert_layout
 
 MOE = H + "block_sparse_moe."
@@ -25,6 +26,7 @@ class Mixtral(Family):
     """Mixtral-8x7B, Mixtral-8x22B and relatives."""
 
     model_type = "mixtral"
+    hf_gate = GateAdapter("MixtralSparseMoeBlock", fp32_weights=True)
     ignored_hf_keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
     hf_aliases = {H + "mlp.gate.weight": MOE + "gate.weight"}
     fused_experts = fused_expert_layout(H + "mlp.experts.", EXPERT, gate="w1", up="w3",

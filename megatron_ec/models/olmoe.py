@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, Rule, register
+from megatron_ec.models.hf_gate import GateAdapter
 from megatron_ec.models.transforms import H, decoder_rules, fused_expert_layout, qk_norm_rules
 
 # MoEModelConfig field <- HF config attribute (copied as is in both directions).
@@ -92,6 +93,7 @@ class OlmoeFamily(Family):
     """OLMoE-1B-7B and its fine-tunes."""
 
     model_type = "olmoe"
+    hf_gate = GateAdapter("OlmoeSparseMoeBlock")
     ignored_hf_keys = (r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)
     fused_experts = FUSED_EXPERTS
 

@@ -21,6 +21,7 @@ from megatron_ec.models.hf_config import (
     qwen_moe_hf_fields,
     require,
 )
+from megatron_ec.models.hf_gate import GateAdapter
 from megatron_ec.models.transforms import (
     ATTN,
     H,
@@ -43,6 +44,7 @@ class Qwen2Moe(Family):
     """Qwen1.5-MoE-A2.7B and relatives."""
 
     model_type = "qwen2_moe"
+    hf_gate = GateAdapter("Qwen2MoeSparseMoeBlock")
     ignored_hf_keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
     fused_experts = QWEN_FUSED_EXPERTS
 

@@ -20,6 +20,7 @@ from megatron_ec.models.hf_config import (
     qwen_moe_hf_fields,
     require,
 )
+from megatron_ec.models.hf_gate import GateAdapter
 from megatron_ec.models.qwen2_moe import MLP, QWEN_FUSED_EXPERTS
 from megatron_ec.models.transforms import decoder_rules, dense_mlp_rules, qk_norm_rules
 
@@ -29,6 +30,7 @@ class Qwen3Moe(Family):
     """Qwen3-30B-A3B, Qwen3-235B-A22B and relatives."""
 
     model_type = "qwen3_moe"
+    hf_gate = GateAdapter("Qwen3MoeSparseMoeBlock")
     fused_experts = QWEN_FUSED_EXPERTS
 
     def to_model_config(self, hf_config) -> MoEModelConfig:

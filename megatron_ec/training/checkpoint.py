@@ -3,7 +3,7 @@
     OUTPUT/iter_0000120/
       weights/            torch_dist model state (weights + the fp32 selection bias), any layout
       model.json          copied from the starting checkpoint (family, model config, HF config)
-      method_state.json   the run's MethodState (condensers once chosen)
+      method_state.json   the run's method: config and decisions (`moe.methods.saved`)
       tokenizer/          copied from the starting checkpoint
       train_state/
         common.pt         step, schedule, data-sampler position, layout, config (rank 0)
@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 from megatron_ec.models import ckpt_dir
 from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import Method
+from megatron_ec.moe.methods.saved import save_method
 from megatron_ec.training.optimizer import has_per_rank_state
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _rank_file() -> str:
     return f"rank_{dist.get_rank():05d}.pt"
 
 
-def save_checkpoint(root: Path, train_state: TrainState, model, optimizer, method: MethodState,
+def save_checkpoint(root: Path, train_state: TrainState, model, optimizer, method: Method,
                     source: Path) -> Path:
     """Write `root/iter_<step>` (collective) and return it.
 
@@ -116,7 +117,7 @@ def save_checkpoint(root: Path, train_state: TrainState, model, optimizer, metho
         train_state: step, sampler position, layout, schedule.
         model: the unwrapped GPTModel.
         optimizer: the `megatron_ec.training.optimizer.Optimizer` of the run.
-        method: the run's method state.
+        method: the run's method (config and decisions are saved).
         source: the iteration directory the run started from (model.json, tokenizer).
     """
     step = train_state.step
@@ -141,12 +142,12 @@ def save_checkpoint(root: Path, train_state: TrainState, model, optimizer, metho
     return Path(root) / ckpt_dir.iteration_name(step) if dist.get_rank() else final
 
 
-def _copy_metadata(source: Path, stage: Path, method: MethodState) -> None:
+def _copy_metadata(source: Path, stage: Path, method: Method) -> None:
     shutil.copy2(source / ckpt_dir.MODEL_META, stage / ckpt_dir.MODEL_META)
     tokenizer = source / ckpt_dir.TOKENIZER
     if tokenizer.is_dir():
         shutil.copytree(tokenizer, stage / ckpt_dir.TOKENIZER)
-    method.save(stage)
+    save_method(stage, method)
 
 
 def remove_partial_saves(root: Path) -> None:

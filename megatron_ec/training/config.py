@@ -4,7 +4,7 @@
     data:     DataConfig       megatron_ec.data: files, format, template, seq_length, packing
     train:    TrainConfig      batch sizes, optimizer, schedule, precision, seed
     parallel: ParallelConfig   megatron_ec.parallel: TP, EP, ETP, dispatcher
-    method:   MethodState      megatron_ec.moe.method_state: sft | bias | condenser, gamma, r, ...
+    method:   MethodConfig     megatron_ec.moe.methods: one config class per method (by name)
     output:   OutputConfig     run directory, checkpoint interval, logging
 
 A recipe file may add `phases:` (a list of per-phase overrides, see `megatron_ec.recipe`) and
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_ec.data import DataConfig
-from megatron_ec.moe.method_state import MethodState
+from megatron_ec.moe.methods import MethodConfig
+from megatron_ec.moe.methods.sft import SFTConfig
 from megatron_ec.parallel import ParallelConfig
 
 
@@ -160,16 +161,12 @@ class FinetuneConfig:
     output: OutputConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    method: MethodState = field(default_factory=MethodState)
+    method: MethodConfig = field(default_factory=SFTConfig)
+    """The `method:` section; its `name` picks the method's config class (the registry in
+    `megatron_ec.moe.methods`), and keys of other methods are errors."""
 
     def __post_init__(self) -> None:
-        if self.method.aux_loss and self.method.name != "sft":
-            raise ValueError(f"method.aux_loss applies to method.name=sft only (got "
-                             f"{self.method.name!r}); bias routing is aux-loss-free")
-        if not self.method.force_condensers:
-            raise ValueError("method.force_condensers=false is an evaluation switch (the paper's "
-                             "persistent-path ablation, Sec. 6.3); training always forces the "
-                             "condensers: remove it from the training config")
+        self.method.check_for_training()
 
 
 def describe(cfg: Any) -> str:

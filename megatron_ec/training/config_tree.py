@@ -11,6 +11,11 @@ Overrides (`train.lr=3e-4`) are parsed as YAML scalars, except that a field type
 text as written (so `output.dir=007` stays "007"). PyYAML reads `1e-5` (no dot) as a string; a
 numeric string is accepted where a float is expected.
 
+A section may be a tagged union on its `name` key: its dataclass then has a classmethod
+`config_variant(name) -> dataclass` (and `config_variants() -> {name: dataclass}`), and `build()`
+makes the variant `name` selects (the `method` section: one config class per method). A key of
+another variant is an error naming the variants it belongs to.
+
 Every error is a `ConfigError` (a `ValueError`) with a one-line, fix-it message.
 """
 
@@ -85,15 +90,54 @@ def _yaml_location(path: Path, text: str, err: yaml.YAMLError) -> str:
 
 
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key of a config tree (sections and leaves)."""
+    """Every dotted key of a config tree (sections and leaves; every variant's keys)."""
     keys = []
-    for name, hint in _hints(cls).items():
+    for name, hint in _variant_hints(cls).items():
         key = f"{prefix}{name}"
         keys.append(key)
         inner = _dataclass_in(hint)
         if inner is not None:
             keys += valid_keys(inner, key + ".")
     return keys
+
+
+def _variants(cls: type) -> dict[str, type]:
+    """{name: dataclass} of a tagged-union section; {"": cls} for a plain one."""
+    return cls.config_variants() if hasattr(cls, "config_variants") else {"": cls}
+
+
+def _variant_hints(cls: type) -> dict[str, Any]:
+    """Field annotations of every variant of `cls`, in first-seen order."""
+    hints: dict[str, Any] = {}
+    for variant in _variants(cls).values():
+        for name, hint in _hints(variant).items():
+            hints.setdefault(name, hint)
+    return hints
+
+
+def _select_variant(cls: type, data: dict, path: str) -> type:
+    """The dataclass a tagged-union section's `name` selects (`cls` itself for a plain one)."""
+    if not hasattr(cls, "config_variant"):
+        return cls
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == "name")
+    name = _convert(data.get("name", default), str, f"{path}name")
+    try:
+        return cls.config_variant(name)
+    except ValueError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _foreign_key_message(base: type, variant: type, key: str, path: str) -> str | None:
+    """"a.b does not apply to a.name=x; ..." when `key` belongs to other variants of `base`."""
+    if not hasattr(base, "config_variants"):
+        return None
+    owners = [name for name, other in base.config_variants().items()
+              if key in {f.name for f in dataclasses.fields(other)}]
+    if not owners:
+        return None
+    current = next(name for name, other in base.config_variants().items() if other is variant)
+    return (f"{path}{key} does not apply to {path}name={current}; it is a key of "
+            f"{path}name={' or '.join(owners)}")
 
 
 def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
@@ -152,11 +196,13 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"{where} is a section; set its keys, e.g. {path}<key>=value")
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of keys, got {data!r}")
+    base, cls = cls, _select_variant(cls, data, path)
     hints = _hints(cls)
     unknown = [k for k in data if k not in hints]
     if unknown:
-        allowed = valid_keys(cls, path)
-        raise ConfigError(unknown_key_message(f"{path}{unknown[0]}", allowed))
+        foreign = _foreign_key_message(base, cls, unknown[0], path)
+        raise ConfigError(foreign or unknown_key_message(f"{path}{unknown[0]}",
+                                                         valid_keys(base, path)))
     values = {}
     for field in dataclasses.fields(cls):
         if not field.init:
@@ -346,39 +392,59 @@ def field_docs(cls: type) -> dict[str, str]:
     import inspect
     import textwrap
 
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
     docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(getattr(following, "value", None), ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
+    for klass in reversed(cls.__mro__):  # a subclass's docstring wins over its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr)
+                    and isinstance(getattr(following, "value", None), ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
 
 def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every leaf of a config tree, in declaration order."""
+    """(dotted key, default, doc) for every leaf of a config tree, in declaration order.
+
+    A key of a tagged-union section that only some variants have says which, e.g.
+    "(method.name: bias, condenser)".
+    """
     rows = []
-    docs = field_docs(cls)
-    hints = _hints(cls)
-    for field in dataclasses.fields(cls):
-        if not field.init:
-            continue
-        key = f"{prefix}{field.name}"
-        inner = _dataclass_in(hints[field.name])
-        if inner is not None:
-            rows += describe_keys(inner, key + ".")
-            continue
-        if field.default is not dataclasses.MISSING:
-            default = repr(field.default)
-        elif field.default_factory is not dataclasses.MISSING:
-            default = repr(field.default_factory())
-        else:
-            default = "(required)"
-        rows.append((key, default, docs.get(field.name, "")))
+    variants = _variants(cls)
+    seen: set[str] = set()
+    for variant in variants.values():
+        docs, hints = field_docs(variant), _hints(variant)
+        for field in dataclasses.fields(variant):
+            if not field.init or field.name in seen:
+                continue
+            seen.add(field.name)
+            key = f"{prefix}{field.name}"
+            inner = _dataclass_in(hints[field.name])
+            if inner is not None:
+                rows += describe_keys(inner, key + ".")
+                continue
+            rows.append((key, _default_text(field), docs.get(field.name, "") +
+                         _owners_note(variants, field.name, prefix)))
     return rows
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return repr(field.default)
+    if field.default_factory is not dataclasses.MISSING:
+        return repr(field.default_factory())
+    return "(required)"
+
+
+def _owners_note(variants: dict[str, type], name: str, prefix: str) -> str:
+    owners = [v for v, c in variants.items() if name in {f.name for f in dataclasses.fields(c)}]
+    if len(owners) == len(variants):
+        return ""
+    return f" ({prefix}name: {', '.join(owners)})"

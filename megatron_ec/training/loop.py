@@ -13,6 +13,12 @@ clipping + AdamW); the method's once-per-step bias update (`method.after_optimiz
 validation on `data.valid` every `train.eval_interval` steps and at the end (`training.validation`:
 no gradient, no usage, no bias change); metrics; checkpoint every `output.save_interval` steps and
 at the end.
+
+The method object (`megatron_ec.moe.methods`) is asked at each of its hooks: the model is
+assembled with its router and experts, `begin_phase` makes or keeps its decisions once the
+weights are loaded, `set_trainable` freezes before the DDP wrap, `micro_batch_loss` adds to each
+micro-batch's loss, `after_backward` runs after `finalize_grads` (gradient masks),
+`after_optimizer_step` after the update, and `metrics` joins each step's record.
 """
 
 from __future__ import annotations
@@ -26,15 +32,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_ec.models import ckpt_dir
-from megatron_ec.models.builder import (
-    RuntimeOptions,
-    build_gpt_model,
-    decoder_block_spec,
-    transformer_config,
-)
+from megatron_ec.models.assembly import assemble_model
+from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.models.config import MoEModelConfig
-from megatron_ec.moe.method_state import MethodState
-from megatron_ec.training import checkpoint, method as method_hooks, validation
+from megatron_ec.moe.methods import Method, PhaseStart, build_method
+from megatron_ec.moe.methods.saved import load_method
+from megatron_ec.training import checkpoint, validation
 from megatron_ec.training.config import FinetuneConfig
 from megatron_ec.training.distributed import finalize_grads, unwrap, wrap_ddp
 from megatron_ec.training.metrics import MetricsWriter
@@ -53,7 +56,7 @@ class StartPoint:
     """The iteration directory of `model.checkpoint` (model.json, tokenizer, weights)."""
     model_cfg: MoEModelConfig
     family: str
-    source_method: MethodState
+    source_method: Method
     resume: Path | None
     """This run's latest iteration in `output.dir` with a train state, or None (fresh start)."""
 
@@ -68,20 +71,14 @@ class PhaseResult:
     checkpoint: Path
 
 
-def build_model(start: StartPoint, cfg: FinetuneConfig, method: MethodState):
-    """This rank's GPTModel with the method's router, and its TransformerConfig."""
+def build_model(start: StartPoint, cfg: FinetuneConfig, method: Method):
+    """This rank's GPTModel with the method's router (Float16Module-wrapped unless fp32)."""
     from megatron_ec.models.family import get_family
 
-    runtime = RuntimeOptions(
-        precision=cfg.train.precision, recompute=cfg.train.recompute,
-        moe_aux_loss_coeff=start.model_cfg.aux_loss_coeff if method.aux_loss else 0.0,
-        num_router_slots=method_hooks.router_slots(start.model_cfg, method),
-        seq_length=cfg.data.seq_length,
-    )
-    tcfg = transformer_config(start.model_cfg, cfg.parallel, runtime)
-    hook = get_family(start.family).attention_hook(start.model_cfg) if start.family else None
-    spec = decoder_block_spec(tcfg, method_hooks.router_builder(start.model_cfg, method), hook)
-    model = build_gpt_model(start.model_cfg, tcfg, spec)
+    runtime = RuntimeOptions(precision=cfg.train.precision, recompute=cfg.train.recompute,
+                             seq_length=cfg.data.seq_length)
+    family = get_family(start.family) if start.family else None
+    model, tcfg = assemble_model(start.model_cfg, method, cfg.parallel, runtime, family=family)
     if cfg.train.precision != "fp32":
         from megatron.core.transformer.module import Float16Module
 
@@ -103,8 +100,13 @@ def _set_aux_loss_scale(accumulation: int) -> None:
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accumulation))
 
 
-def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Accumulate one step's gradients; return the global token-weighted loss and token counts."""
+def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]],
+                     method: Method | None = None) -> dict[str, float]:
+    """Accumulate one step's gradients; return the global token-weighted loss and token counts.
+
+    `method.micro_batch_loss` (a mean per micro-batch) is added to each micro-batch's loss,
+    divided by the number of micro-batches; it is not part of the reported loss.
+    """
     from megatron.core import parallel_state as ps
 
     dp_size = ps.get_data_parallel_world_size()
@@ -120,7 +122,11 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]]) -> dict[
         losses = ddp(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                      labels=batch["labels"], padding_mask=batch["padding_mask"])
         micro_sum = (losses.float() * batch["loss_mask"]).sum()
-        (micro_sum * scale).backward()
+        loss = micro_sum * scale
+        extra = method.micro_batch_loss(unwrap(ddp)) if method is not None else None
+        if extra is not None:
+            loss = loss + extra / len(micro_batches)
+        loss.backward()
         loss_sum += float(micro_sum.detach())
     (global_loss_sum,) = _dp_sum([loss_sum])
     return {"loss": global_loss_sum / max(global_tokens, 1.0), "tokens": int(global_tokens),
@@ -149,21 +155,15 @@ class Phase:
 
         from megatron_ec.data import BatchSampler
 
-        cfg, start, resume = self.cfg, self.start, self.start.resume
-        method = MethodState.load(resume) if resume else MethodState.from_dict(cfg.method.to_dict())
-        self.ddp_model, self.tcfg = build_model(start, cfg, method)
-        self.model = unwrap(self.ddp_model)
-        checkpoint.load_weights(self.model, resume or start.source)
-        self.method = method_hooks.begin_phase(self.model, method, start.source_method,
-                                               resumed=resume is not None)
+        cfg, resume = self.cfg, self.start.resume
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self._build_model(dataset, dp_rank, dp_size)
         # GPU: Megatron's distributed optimizer needs DDP's buffers laid out for it.
         self.ddp = wrap_ddp(self.ddp_model, self.tcfg,
                             use_distributed_optimizer=torch.cuda.is_available())
         self.optimizer = build_optimizer(self.ddp, cfg.train)
-        dp_size = ps.get_data_parallel_world_size()
-        self.sampler = BatchSampler(dataset, cfg.train.micro_batch_size,
-                                    ps.get_data_parallel_rank(), dp_size, seed=cfg.data.seed,
-                                    shuffle=cfg.data.shuffle,
+        self.sampler = BatchSampler(dataset, cfg.train.micro_batch_size, dp_rank, dp_size,
+                                    seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                                     global_batch_size=cfg.train.global_batch_size)
         self.accumulation = cfg.train.accumulation_steps(dp_size)
         t = cfg.train
@@ -172,6 +172,21 @@ class Phase:
                                            schedule=self.schedule.state_dict())
         if resume:
             self._resume(resume)
+
+    def _build_model(self, dataset, dp_rank: int, dp_size: int) -> None:
+        """The method (this run's saved one when resuming), its model, weights, decisions."""
+        from megatron_ec.data import eval_micro_batches
+
+        cfg, start, resume = self.cfg, self.start, self.start.resume
+        self.method = load_method(resume) if resume else build_method(cfg.method)
+        self.ddp_model, self.tcfg = build_model(start, cfg, self.method)
+        self.model = unwrap(self.ddp_model)
+        checkpoint.load_weights(self.model, resume or start.source)
+        self.method.begin_phase(PhaseStart(
+            self.model, start.source_method, resumed=resume is not None,
+            micro_batches=lambda: eval_micro_batches(dataset, cfg.train.micro_batch_size,
+                                                     dp_rank, dp_size)))
+        self.method.set_trainable(self.model)
 
     def _resume(self, resume: Path) -> None:
         saved = checkpoint.load_train_state(resume, self.model, self.optimizer)
@@ -242,17 +257,18 @@ class Phase:
         self.optimizer.set_lr(lr)
         self.ddp.zero_grad_buffer()
         micro_batches = [self.sampler.next_micro_batch() for _ in range(self.accumulation)]
-        result = forward_backward(self.ddp, micro_batches)
+        result = forward_backward(self.ddp, micro_batches, self.method)
         finalize_grads(self.ddp)
+        self.method.after_backward(self.model)
         grad_norm = self.optimizer.step()
-        method_hooks.after_optimizer_step(self.model)
+        self.method.after_optimizer_step(self.model)
         elapsed = time.monotonic() - began
         self.state.step = step + 1
         self.state.tokens += result["tokens"]
         return {"step": step + 1, "phase": self.method.name, "loss": result["loss"], "lr": lr,
                 "grad_norm": grad_norm, "tokens": result["tokens"],
                 "tokens_per_s": result["real_tokens"] / max(elapsed, 1e-9),
-                "step_time": elapsed, **method_hooks.metrics(self.model)}
+                "step_time": elapsed, **self.method.metrics(self.model)}
 
     def save(self) -> Path:
         self.state.sampler = self.sampler.state_dict()
@@ -284,4 +300,4 @@ def find_start(cfg: FinetuneConfig) -> StartPoint:
         raise ValueError(f"output.dir={cfg.output.dir} holds a checkpoint without a train state "
                          f"({resume.name}); choose an empty output.dir")
     return StartPoint(source=source, model_cfg=model_cfg, family=meta.get("family", ""),
-                      source_method=MethodState.load(source), resume=resume)
+                      source_method=load_method(source), resume=resume)

@@ -1,0 +1,153 @@
+"""ExpertCondenser (METHODS.md s.3): bias routing plus r fixed, always-active condenser experts.
+
+Condensers J are the r lowest-bias experts of each MoE layer (ties to the lower id), chosen
+when the condenser phase starts from the bias learned in the bias phase (unless the user lists
+them), then fixed: recorded in the run's decisions, saved with every checkpoint, reused on
+resume, at export and in the HF restore.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_ec.moe import state as router_ops
+from megatron_ec.moe.methods.base import Decisions, MoEFacts, PhaseStart, layer_ids
+from megatron_ec.moe.methods.bias import BiasConfig, BiasRouting
+from megatron_ec.moe.methods.registry import register
+from megatron_ec.moe.routing import num_slots, select_condensers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CondenserConfig(BiasConfig):
+    """`method:` of the condenser phase (the ExpertCondenser recipe's phase 2)."""
+
+    name: str = "condenser"
+    num_condensers: int | list[int] = 2
+    """r per MoE layer: one int for all, or a list with one entry per MoE layer (0 disables)."""
+    condensers: dict[int, list[int]] = field(default_factory=dict)
+    """Condensers fixed by the user: {layer index (0-based, all decoder layers): expert ids}.
+    Layers not listed get the r lowest-bias experts when the phase starts."""
+    force_condensers: bool = True
+    """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation). An
+    evaluation switch only: a training config with false is refused (it would train bias-only)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "condensers", layer_ids(self.condensers))
+
+    def check_for_training(self) -> None:
+        if not self.force_condensers:
+            raise ValueError("method.force_condensers=false is an evaluation switch (the paper's "
+                             "persistent-path ablation, Sec. 6.3); training always forces the "
+                             "condensers: remove it from the training config")
+
+    def condensers_for(self, moe_layers: list[int] | tuple[int, ...]) -> dict[int, int]:
+        """r per MoE layer index, validated against the model's MoE layers."""
+        if isinstance(self.num_condensers, int):
+            return {layer: self.num_condensers for layer in moe_layers}
+        if len(self.num_condensers) != len(moe_layers):
+            raise ValueError(
+                f"method.num_condensers has {len(self.num_condensers)} entries but the model has "
+                f"{len(moe_layers)} MoE layers; give one r per MoE layer or a single int"
+            )
+        return dict(zip(moe_layers, self.num_condensers))
+
+
+@dataclass
+class CondenserDecisions(Decisions):
+    """What a condenser run decided."""
+
+    condensers: dict[int, list[int]] = field(default_factory=dict)
+    """J per MoE layer ({layer index: expert ids}); empty until the phase starts, fixed after."""
+
+    def __post_init__(self) -> None:
+        self.condensers = layer_ids(self.condensers)
+
+
+def _choose(router, r: int) -> list[int]:
+    """The r lowest-bias experts of one router (a pure function of the rank-identical bias)."""
+    bias = router.selection_bias
+    if r > 0 and not bool(bias.ne(0).any()):
+        raise ValueError(
+            f"layer {router.layer_index}: the selection bias is all zeros, so there is nothing "
+            "to choose condensers from; start the condenser phase from a bias-phase checkpoint "
+            "(method.name=bias) or list them in method.condensers"
+        )
+    return select_condensers(bias, r).tolist()
+
+
+@register
+class ExpertCondenser(BiasRouting):
+    """Bias routing with r condensers per layer forced into every token's selection."""
+
+    name = "condenser"
+    Config = CondenserConfig
+    Decisions = CondenserDecisions
+
+    def dispatcher_slots(self, facts: MoEFacts) -> int:
+        per_layer = self.config.condensers_for(facts.moe_layers)
+        return max(num_slots(self.routing(facts), r) for r in per_layer.values())
+
+    def begin_phase(self, start: PhaseStart) -> None:
+        """Keep the decided condensers when resuming; otherwise fix J per layer, first match
+        wins: the layer's entry in `method.condensers` (checked: MoE layer, r distinct ids in
+        range); else the starting checkpoint's condensers (J is fixed once chosen, METHODS.md
+        s.3); else the r lowest-bias experts. A partial `method.condensers` is thus filled in."""
+        if not start.resumed:
+            carried = start.source.decisions if isinstance(start.source, ExpertCondenser) else None
+            self.choose_condensers(start.model, carried.condensers if carried else {})
+        self.apply(start.model)
+
+    def choose_condensers(self, model: torch.nn.Module,
+                          carried: dict[int, list[int]] | None = None) -> None:
+        """Fill `decisions.condensers`: listed, else `carried`, else the r lowest-bias experts."""
+        self.check_listed_condensers(model)
+        carried = carried or {}
+        if set(carried) - set(self.config.condensers):
+            logger.info("keeping the condensers of the starting checkpoint")
+        routers = router_ops.ec_routers(model)
+        per_layer = self.config.condensers_for([r.layer_index for r in routers])
+        for router in routers:
+            layer = router.layer_index
+            chosen = self.config.condensers.get(layer, carried.get(layer))
+            self.decisions.condensers[layer] = (
+                list(chosen) if chosen is not None else _choose(router, per_layer[layer]))
+
+    def check_listed_condensers(self, model: torch.nn.Module) -> None:
+        """ValueError (one line, naming `method.condensers`) unless every listed layer is a MoE
+        layer of the model with exactly its r distinct expert ids in [0, E)."""
+        routers = router_ops.ec_routers(model)
+        per_layer = self.config.condensers_for([r.layer_index for r in routers])
+        num_experts = routers[0].config.num_moe_experts if routers else 0
+        for layer, ids in sorted(self.config.condensers.items()):
+            where = f"method.condensers[{layer}]={ids}"
+            if layer not in per_layer:
+                raise ValueError(f"{where}: layer {layer} is not a MoE layer; the MoE layers are "
+                                 f"{sorted(per_layer)} (0-based decoder layers)")
+            if len(ids) != per_layer[layer]:
+                raise ValueError(f"{where}: lists {len(ids)} experts but method.num_condensers "
+                                 f"gives r={per_layer[layer]} for layer {layer}; list exactly r "
+                                 "experts")
+            if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"{where}: expert ids must be distinct and in [0, {num_experts})")
+
+    def apply(self, model: torch.nn.Module) -> None:
+        routers = router_ops.ec_routers(model)
+        per_layer = self.config.condensers_for([r.layer_index for r in routers])
+        for router in routers:
+            ids = self.decisions.condensers.get(router.layer_index, [])
+            if len(ids) != per_layer[router.layer_index]:
+                raise ValueError(f"layer {router.layer_index}: method is 'condenser' with r="
+                                 f"{per_layer[router.layer_index]} but {len(ids)} condensers "
+                                 "are recorded; begin the condenser phase first")
+        super().apply(model)
+
+    def forced_condensers(self, layer: int) -> list[int]:
+        if not self.config.force_condensers:
+            return []
+        return list(self.decisions.condensers.get(layer, []))

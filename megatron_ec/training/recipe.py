@@ -1,0 +1,214 @@
+"""Recipes: a fine-tuning config plus `phases:` and `pipeline:`, loaded and checked.
+
+A recipe is a fine-tuning config (sections model, data, train, parallel, method, output) plus:
+
+    phases:                        # run in order, in one torchrun launch
+      - name: bias                 # a label (metrics use method.name as `phase`)
+        method: {name: bias, gamma: 1.0e-3}
+        output: {dir: runs/x/phase1_bias}
+      - name: condenser            # starts from the previous phase's output.dir unless it sets
+        method: {name: condenser, gamma: 5.0e-5}     # its own model.checkpoint
+        output: {dir: runs/x/phase2_condenser}
+    pipeline:                      # read by examples/finetune_condenser.sh only
+      hf_model: path/to/hf         # imported into the first phase's model.checkpoint if missing
+      export_dir: runs/x/hf        # the last phase is exported here
+
+Each phase's config = the top-level sections, then the phase's own sections, then the command-line
+overrides (`train.max_steps=10` applies to every phase; `phases.condenser.train.lr=1e-5` to one).
+A shared `model.checkpoint` (file or override) is where the FIRST phase starts; later phases start
+from the previous phase's output.dir unless they set their own model.checkpoint. A plain config
+(no `phases:`) is a recipe of one phase. `python -m megatron_ec.recipe` runs them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_ec.training.config_tree import (
+    ConfigError,
+    apply_overrides,
+    build,
+    load_yaml,
+    merge,
+    unknown_key_message,
+)
+
+SECTIONS = ("model", "data", "train", "parallel", "method", "output")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation after export (recipe section `pipeline.eval`)."""
+
+    heldout: str | None = None
+    """JSONL with `instruction`/`input`/`answer` records (LLM-Adapters format); None = no eval."""
+    max_samples: int = 200
+    """Evaluate on the first this many records."""
+    max_new_tokens: int = 48
+    """Greedy decoding budget per answer."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Paths for `examples/finetune_condenser.sh` (recipe section `pipeline`)."""
+
+    hf_model: str | None = None
+    """HF model directory imported into the first phase's `model.checkpoint` when that has no
+    checkpoint yet; None = the checkpoint must exist."""
+    export_dir: str | None = None
+    """Where the last phase's checkpoint is exported as an HF directory; None = no export."""
+    demo: bool = False
+    """Create the tiny demo model (`tools/make_tiny_model.py`) at `hf_model` and the demo data
+    (`tools/make_demo_data.py`) next to `data.train` when they are missing."""
+    demo_num_train: int = 2000
+    """Training problems the demo data generator writes (`--num-train`)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One entry of `phases:`: a name and section overrides (validated when built)."""
+
+    name: str
+    sections: dict
+
+
+class Recipe:
+    """A loaded recipe file: shared sections, phases, pipeline, command-line overrides."""
+
+    def __init__(self, path: str, data: dict, overrides: list[str]):
+        self.path = path
+        self.base = {k: v for k, v in data.items() if k in SECTIONS}
+        unknown = [k for k in data if k not in SECTIONS + ("phases", "pipeline")]
+        if unknown:
+            allowed = list(SECTIONS) + ["phases", "pipeline"]
+            raise ConfigError(unknown_key_message(unknown[0], allowed))
+        self.pipeline = build(PipelineConfig, data.get("pipeline") or {}, "pipeline.")
+        self.phases = self._phases(data.get("phases"))
+        self.global_overrides, self.phase_overrides = self._split_overrides(overrides)
+
+    @classmethod
+    def load(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
+        return cls(path, load_yaml(path), list(overrides or []))
+
+    def _phases(self, raw) -> list[PhaseSpec]:
+        if raw is None:
+            name = str((self.base.get("method") or {}).get("name", "sft"))
+            return [PhaseSpec(name, {})]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{self.path}: phases must be a non-empty list of mappings")
+        phases = []
+        for index, item in enumerate(raw):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise ConfigError(f"{self.path}: phases[{index}] needs a name, e.g. "
+                                  "{name: bias, method: {name: bias}}")
+            sections = {k: v for k, v in item.items() if k != "name"}
+            bad = [k for k in sections if k not in SECTIONS]
+            if bad:
+                allowed = [f"phases[{index}].{s}" for s in SECTIONS]
+                raise ConfigError(unknown_key_message(f"phases[{index}].{bad[0]}", allowed))
+            phases.append(PhaseSpec(item["name"], sections))
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{self.path}: phase names must be unique, got {names}")
+        return phases
+
+    def _split_overrides(self, overrides: list[str]):
+        names = [p.name for p in self.phases]
+        per_phase: dict[str, list[str]] = {n: [] for n in names}
+        shared = []
+        for item in overrides:
+            if item.startswith("phases."):
+                _, name, rest = item.split(".", 2) if item.count(".") >= 2 else (None, "", "")
+                if name not in per_phase:
+                    raise ConfigError(f"override {item!r}: no phase named {name!r}; phases: "
+                                      f"{', '.join(names)}")
+                per_phase[name].append(rest)
+            else:
+                shared.append(item)
+        return shared, per_phase
+
+    def phase_data(self, name: str) -> dict:
+        """The merged (unvalidated) sections of one phase, with chaining applied."""
+        from megatron_ec.training.config import FinetuneConfig
+
+        names = [p.name for p in self.phases]
+        if name not in names:
+            raise ConfigError(f"{self.path}: no phase named {name!r}; phases: "
+                              f"{', '.join(p.name for p in self.phases)}")
+        index = names.index(name)
+        data = merge(self.base, self.phases[index].sections)
+        data = apply_overrides(data, self.global_overrides, FinetuneConfig)
+        data = apply_overrides(data, self.phase_overrides[name], FinetuneConfig)
+        own_checkpoint = ("checkpoint" in (self.phases[index].sections.get("model") or {}) or
+                          any(o.startswith("model.checkpoint=") for o in self.phase_overrides[name]))
+        if index > 0 and not own_checkpoint:
+            # chaining wins over a shared model.checkpoint: that one is where phase 1 starts
+            previous = self.phase_data(self.phases[index - 1].name)
+            data = merge(data, {"model": {"checkpoint": _output_dir(previous)}})
+        return data
+
+    def phase_config(self, name: str):
+        """The validated `FinetuneConfig` of one phase."""
+        from megatron_ec.training.config import FinetuneConfig
+
+        return build(FinetuneConfig, self.phase_data(name))
+
+    def configs(self) -> list:
+        return [self.phase_config(p.name) for p in self.phases]
+
+
+def _output_dir(data: dict):
+    output = data.get("output") or {}
+    value = output.get("dir")
+    if value is None:
+        raise ConfigError("output.dir is required; set it in the config or as output.dir=...")
+    return getattr(value, "text", value)
+
+
+def print_paths(recipe: Recipe) -> str:
+    """Shell assignments for the launcher."""
+    configs = recipe.configs()
+    first, last = configs[0], configs[-1]
+    train = first.data.train[0] if first.data.train else ""
+    values = {
+        "HF_MODEL": recipe.pipeline.hf_model or "",
+        "IMPORT_CKPT": first.model.checkpoint,
+        "FINAL_CKPT": last.output.dir,
+        "EXPORT_DIR": recipe.pipeline.export_dir or "",
+        "DEMO": "1" if recipe.pipeline.demo else "",
+        "DEMO_DATA_DIR": str(Path(train).parent) if recipe.pipeline.demo else "",
+        "DEMO_NUM_TRAIN": str(recipe.pipeline.demo_num_train),
+        "TRAIN_DATA": train,
+        "EVAL_HELDOUT": recipe.pipeline.eval.heldout or "",
+        "EVAL_MAX_SAMPLES": str(recipe.pipeline.eval.max_samples),
+        "EVAL_MAX_NEW_TOKENS": str(recipe.pipeline.eval.max_new_tokens),
+        "PHASE_DIRS": " ".join(c.output.dir for c in configs),
+        "TP": str(first.parallel.tensor_model_parallel_size),
+        "EP": str(first.parallel.expert_model_parallel_size),
+    }
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
+
+
+def check_all(recipe: Recipe, num_ranks: int | None = None) -> list[str]:
+    """`finetune --check` for every phase; a later phase whose start does not exist yet is checked
+    against the first phase's start (same model and tokenizer)."""
+    from megatron_ec.models import ckpt_dir
+    from megatron_ec.training.phase import check_phase
+
+    lines = []
+    configs = recipe.configs()
+    for phase, cfg in zip(recipe.phases, configs):
+        source = Path(cfg.model.checkpoint)
+        note = ""
+        if not (source / ckpt_dir.LATEST).is_file() and not (source / ckpt_dir.MODEL_META).is_file():
+            if cfg is configs[0]:
+                raise ValueError(f"model.checkpoint={source}: no checkpoint there yet; import one "
+                                 "with python -m checkpoint_convert import")
+            note = f" (checked against {configs[0].model.checkpoint}; trains from {source})"
+            cfg = dataclasses.replace(cfg, model=configs[0].model)
+        lines.append(f"phase {phase.name}: {check_phase(cfg, num_ranks)}{note}")
+    return lines
