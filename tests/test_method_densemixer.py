@@ -173,3 +173,71 @@ def test_moe_layer_matches_the_densemixer_package(one_rank, family):
         want[name] = torch.cat([stand_in[n].grad for n in theirs_names])
     assert_all_close_scaled(got, want, FP32_ORACLE, f"{family} grads")
     assert want["router.weight"].abs().min() > 0  # the package's router gradient is dense
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: one 4-rank launch.
+# ---------------------------------------------------------------------------------------------
+
+LAYOUTS = [(1, 1, "alltoall"), (2, 1, "alltoall"), (2, 2, "alltoall"), (2, 2, "allgather")]
+"""(TP, ETP, dispatcher) at EP1; TP2 is sequence parallel."""
+LR, STEPS = 0.05, 2
+
+
+def densemixer_layouts_worker(tmp_dir):
+    """Per layout: (losses, last full gradients) of STEPS SGD steps; then the EP2 refusal."""
+    from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
+    from megatron_ec.models.layout import full_tensors
+    from megatron_ec.training.distributed import finalize_grads, wrap_ddp
+
+    results = {}
+    for tp, etp, dispatcher in LAYOUTS:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp,
+                                  token_dispatcher=dispatcher)
+        init_parallel(parallel, seed=1234)
+        method = make_method("densemixer")
+        model, tcfg = build_tiny(parallel, method=method)
+        (save_model_weights if (tp, etp) == (1, 1) else load_model_weights)(
+            model, f"{tmp_dir}/start")
+        start_phase(model, method)
+        ddp = wrap_ddp(model, tcfg)
+        losses = []
+        for step in range(STEPS):
+            ddp.zero_grad_buffer()
+            loss = forward_loss(ddp, tiny_batch(seed=step))
+            loss.backward()
+            finalize_grads(ddp)
+            grads = full_tensors(model, lambda p: p.main_grad)
+            with torch.no_grad():
+                for param in model.parameters():
+                    param -= LR * param.main_grad
+            losses.append(loss.item())
+        results[(tp, etp, dispatcher)] = (losses, grads)
+    init_parallel(ParallelConfig(expert_model_parallel_size=2), seed=1)
+    try:
+        build_tiny(ParallelConfig(expert_model_parallel_size=2), method=make_method("densemixer"))
+        results["ep2"] = None
+    except ValueError as err:
+        results["ep2"] = str(err)
+    return results
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("densemixer_layouts")
+    return run_on_ranks(densemixer_layouts_worker, 4, args=(str(tmp),), timeout=600)[0]
+
+
+def test_tp_and_expert_tp_layouts_match_tp1(layouts):
+    ref_losses, ref_grads = layouts[LAYOUTS[0]]
+    for layout in LAYOUTS[1:]:
+        losses, grads = layouts[layout]
+        assert_close_scaled(torch.tensor(losses), torch.tensor(ref_losses), FP32_LAYOUT,
+                            f"{layout}: losses")
+        assert_all_close_scaled(grads, ref_grads, FP32_LAYOUT, f"{layout}: grads")
+
+
+def test_expert_parallel_is_refused_with_its_reason(layouts):
+    from megatron_ec.moe.methods.densemixer import EP_LIMIT
+
+    assert layouts["ep2"].startswith(EP_LIMIT)  # Megatron-Core appends where it was built
