@@ -24,6 +24,7 @@ from torch import nn
 from megatron_ec.moe.methods import make_method
 from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_parallel
 from tests.harness import run_on_ranks
+from tests.test_finetune_support import demo_start  # noqa: F401
 from tests.tiny import BATCH, SEQ, build_tiny, forward_loss, start_phase, tiny_batch, tiny_config
 from tests.tolerance import (
     FP32_LAYOUT,
@@ -241,3 +242,46 @@ def test_expert_parallel_is_refused_with_its_reason(layouts):
     from megatron_ec.moe.methods.densemixer import EP_LIMIT
 
     assert layouts["ep2"].startswith(EP_LIMIT)  # Megatron-Core appends where it was built
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint, export and HF restore (as tests/test_method_plugin.py runs its toy method).
+# ---------------------------------------------------------------------------------------------
+
+def test_finetune_checkpoint_export_and_hf_restore(demo_start, tmp_path):  # noqa: F811
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ec.eval.hf_routing import read_routing_file, restore_condenser_routing
+    from megatron_ec.models import ckpt_dir
+    from megatron_ec.moe.methods.densemixer import DenseMixer
+    from megatron_ec.moe.methods.saved import load_method
+    from megatron_ec.training.metrics import read_metrics
+    from tests.convert_testing import TOL
+    from tests.test_method_plugin import _tensors, finetune_export_verify
+
+    checkpoint, train = demo_start
+    out, hf_out = tmp_path / "densemixer", tmp_path / "hf"
+    config = tmp_path / "densemixer.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"checkpoint": str(checkpoint)},
+        "data": {"train": str(train), "seq_length": 256, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "global_batch_size": 4, "lr": 3e-3},
+        "method": {"name": "densemixer"},
+        "output": {"dir": str(out), "tensorboard": False},
+    }))
+    (diff,) = run_on_ranks(finetune_export_verify, world_size=1,
+                           args=(str(config), str(out), str(hf_out)), timeout=900)
+    assert diff < TOL  # the stock HF model reproduces the trained Megatron model's logits
+
+    assert [r["phase"] for r in read_metrics(out / "metrics.jsonl")] == ["densemixer"] * 2
+    trained = ckpt_dir.latest_iteration(out)
+    assert isinstance(load_method(trained), DenseMixer)
+    before, after = _tensors(ckpt_dir.resolve(checkpoint)), _tensors(trained)
+    routers = [n for n in after if n.endswith("router.weight")]
+    assert routers and not any(torch.equal(after[n], before[n]) for n in routers)
+
+    method, _ = read_routing_file(hf_out)
+    assert isinstance(method, DenseMixer) and not method.changes_routing()
+    model = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32)
+    assert restore_condenser_routing(model, hf_out) == 0  # a plain model: routing unchanged
