@@ -4,8 +4,8 @@
 - One MoE layer of OUR model (Qwen2-MoE, Qwen3-MoE and OLMoE routing/shapes) against the
   `densemixer` 1.0.1 package's patched forwards on a stand-in block built from that layer's
   weights: output, router / expert / shared-expert / input gradients (FP32_ORACLE).
-- One multi-rank launch: TP2 (sequence parallel) and TP2 with expert TP2 equal TP1 (FP32_LAYOUT);
-  EP2 is refused with its one-line reason.
+- One multi-rank launch: TP2 (sequence parallel), TP2 with expert TP2, EP2 and TP2/EP2 (both
+  dispatchers) equal TP1/EP1 (FP32_LAYOUT); EP2 with expert TP2 is refused with its reason.
 - Checkpoint, export and HF restore: the export is a plain model (routing unchanged).
 """
 
@@ -180,8 +180,10 @@ def test_moe_layer_matches_the_densemixer_package(one_rank, family):
 # Layouts: one 4-rank launch.
 # ---------------------------------------------------------------------------------------------
 
-LAYOUTS = [(1, 1, "alltoall"), (2, 1, "alltoall"), (2, 2, "alltoall"), (2, 2, "allgather")]
-"""(TP, ETP, dispatcher) at EP1; TP2 is sequence parallel."""
+LAYOUTS = [(1, 1, 1, "alltoall"), (2, 1, 1, "alltoall"), (2, 1, 2, "alltoall"),
+           (2, 1, 2, "allgather"), (1, 2, 1, "alltoall"), (2, 2, 1, "alltoall"),
+           (2, 2, 1, "allgather")]
+"""(TP, EP, ETP, dispatcher) on 4 ranks; TP2 is sequence parallel."""
 LR, STEPS = 0.05, 2
 
 
@@ -192,13 +194,13 @@ def densemixer_layouts_worker(tmp_dir):
     from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 
     results = {}
-    for tp, etp, dispatcher in LAYOUTS:
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp,
-                                  token_dispatcher=dispatcher)
+    for tp, ep, etp, dispatcher in LAYOUTS:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                  expert_tensor_parallel_size=etp, token_dispatcher=dispatcher)
         init_parallel(parallel, seed=1234)
         method = make_method("densemixer")
         model, tcfg = build_tiny(parallel, method=method)
-        (save_model_weights if (tp, etp) == (1, 1) else load_model_weights)(
+        (save_model_weights if (tp, ep, etp) == (1, 1, 1) else load_model_weights)(
             model, f"{tmp_dir}/start")
         start_phase(model, method)
         ddp = wrap_ddp(model, tcfg)
@@ -213,10 +215,12 @@ def densemixer_layouts_worker(tmp_dir):
                 for param in model.parameters():
                     param -= LR * param.main_grad
             losses.append(loss.item())
-        results[(tp, etp, dispatcher)] = (losses, grads)
-    init_parallel(ParallelConfig(expert_model_parallel_size=2), seed=1)
+        results[(tp, ep, etp, dispatcher)] = (losses, grads)
+    refused = ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                             expert_tensor_parallel_size=2)
+    init_parallel(refused, seed=1)
     try:
-        build_tiny(ParallelConfig(expert_model_parallel_size=2), method=make_method("densemixer"))
+        build_tiny(refused, method=make_method("densemixer"))
         results["ep2"] = None
     except ValueError as err:
         results["ep2"] = str(err)
@@ -229,7 +233,7 @@ def layouts(tmp_path_factory):
     return run_on_ranks(densemixer_layouts_worker, 4, args=(str(tmp),), timeout=600)[0]
 
 
-def test_tp_and_expert_tp_layouts_match_tp1(layouts):
+def test_tp_ep_and_expert_tp_layouts_match_tp1(layouts):
     ref_losses, ref_grads = layouts[LAYOUTS[0]]
     for layout in LAYOUTS[1:]:
         losses, grads = layouts[layout]
@@ -238,7 +242,7 @@ def test_tp_and_expert_tp_layouts_match_tp1(layouts):
         assert_all_close_scaled(grads, ref_grads, FP32_LAYOUT, f"{layout}: grads")
 
 
-def test_expert_parallel_is_refused_with_its_reason(layouts):
+def test_ep_with_expert_tp_is_refused_with_its_reason(layouts):
     from megatron_ec.moe.methods.densemixer import EP_LIMIT
 
     assert layouts["ep2"].startswith(EP_LIMIT)  # Megatron-Core appends where it was built

@@ -68,7 +68,7 @@ class DenseMixerExperts(SequentialMLP):
                                        linear_fc2=RowParallelLinear)
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
                          name=name)
-        if self.ep_group.size() > 1:
+        if self.ep_group.size() > 1 and self.tp_group.size() > 1:
             from megatron_ec.moe.methods.densemixer import EP_LIMIT
 
             raise ValueError(EP_LIMIT)
@@ -83,25 +83,21 @@ class DenseMixerExperts(SequentialMLP):
         return output + self._correction(permuted_hidden, stash, router.routing_cfg), bias
 
     def _correction(self, permuted_hidden, stash, routing_cfg) -> torch.Tensor:
-        """[rows, H] of zeros whose backward gives the router the unselected experts' term."""
+        """[rows, H] of zeros whose backward gives the router the unselected experts' term
+        (EP1), or the EP tap's input passed through (EP>1, `_EPRouterTap`)."""
         hidden_TH, scores_TE, routing_map_TE = stash
-        if self.tp_group.size() > 1:  # the dispatcher gathered the tokens over expert TP
-            scores_TE = gather_from_sequence_parallel_region(scores_TE, group=self.tp_group)
-            routing_map_TE = _gather_rows(routing_map_TE, self.tp_group)
-            hidden_TH = _gather_rows(hidden_TH, self.tp_group)
+        group = self.ep_group if self.ep_group.size() > 1 else self.tp_group
+        if group.size() > 1:  # the dispatcher gathered the tokens over expert TP (or EP)
+            scores_TE = gather_from_sequence_parallel_region(scores_TE, group=group)
+            routing_map_TE = _gather_rows(routing_map_TE, group)
+            hidden_TH = _gather_rows(hidden_TH, group)
         num_tokens, num_rows = routing_map_TE.shape[0], permuted_hidden.shape[0]
-        # the dispatchers' order at EP1: expert-major, then token (both dispatchers, any TP)
-        token_of_row = routing_map_TE.t().nonzero()[:, 1]
-        if token_of_row.numel() != num_rows:
-            raise RuntimeError(f"densemixer: {num_rows} dispatched rows, routing map has "
-                               f"{token_of_row.numel()}")
-        rows = torch.arange(num_rows, device=token_of_row.device)
-        first_row_T = torch.full((num_tokens,), num_rows, dtype=rows.dtype, device=rows.device)
-        first_row_T = first_row_T.scatter_reduce(0, token_of_row, rows, "amin")
-        if not torch.equal(permuted_hidden[first_row_T[token_of_row]].detach(),
-                           permuted_hidden.detach()) or \
-                not torch.equal(permuted_hidden[first_row_T].detach(),
-                                hidden_TH.to(permuted_hidden.dtype)):
+        first = self.ep_group.rank() * self.num_local_experts
+        local = slice(first, first + self.num_local_experts)
+        # the dispatchers' order: local-expert-major, then token in the gathered order
+        token_of_row = routing_map_TE[:, local].t().nonzero()[:, 1]
+        if token_of_row.numel() != num_rows or not torch.equal(
+                permuted_hidden.detach(), hidden_TH[token_of_row].to(permuted_hidden.dtype)):
             raise RuntimeError("densemixer: dispatched rows are not in the expected token order "
                                "(a dispatcher this method was not built for)")
         with torch.no_grad():
@@ -109,8 +105,43 @@ class DenseMixerExperts(SequentialMLP):
                                        for expert in self.local_experts])
         weights_TE = dense_gate_weights(scores_TE, routing_map_TE, routing_cfg.norm_topk_prob,
                                         routing_cfg.scaling_factor)
-        weights_TE = torch.where(routing_map_TE, 0.0, weights_TE)  # selected: the sparse path
+        weights_TE = torch.where(routing_map_TE, 0.0, weights_TE)[:, local]  # unselected only
+        rows = torch.arange(num_rows, device=token_of_row.device)
+        first_row_T = torch.full((num_tokens,), num_rows, dtype=rows.dtype, device=rows.device)
+        first_row_T = first_row_T.scatter_reduce(0, token_of_row, rows, "amin")
+        if self.ep_group.size() > 1:
+            # the lowest EP rank holding one of the token's rows hands its dL/dy to all
+            owner_E = torch.arange(routing_map_TE.shape[1], device=rows.device) \
+                // self.num_local_experts
+            holder_T = torch.where(routing_map_TE, owner_E, self.ep_group.size()).amin(dim=1)
+            mine_T = holder_T == self.ep_group.rank()
+            return _EPRouterTap.apply(permuted_hidden.new_zeros(permuted_hidden.shape),
+                                      weights_TE, outputs_ETH, first_row_T, mine_T,
+                                      self.ep_group)
         extra_TH = torch.einsum("te,eth->th", weights_TE.to(outputs_ETH.dtype), outputs_ETH)
         zero_TH = extra_TH - extra_TH.detach()
         return torch.zeros_like(permuted_hidden).index_add(0, first_row_T, zero_TH.to(
             permuted_hidden.dtype))
+
+
+class _EPRouterTap(torch.autograd.Function):
+    """Under EP: zeros [rows, H] added to the expert rows; in the backward, dL/dy of every token
+    of the EP group (from a row of it, all-reduced over EP) times this rank's unselected local
+    expert outputs is the gradient of their weights p~ [T_ep, E_local]."""
+
+    @staticmethod
+    def forward(ctx, zeros_RH, weights_TE, outputs_ETH, first_row_T, mine_T, group):
+        ctx.save_for_backward(outputs_ETH, first_row_T, mine_T)
+        ctx.group = group
+        ctx.weights_dtype = weights_TE.dtype
+        return zeros_RH.clone()
+
+    @staticmethod
+    def backward(ctx, grad_RH):
+        outputs_ETH, first_row_T, mine_T = ctx.saved_tensors
+        tokens = mine_T.nonzero().squeeze(-1)
+        grad_TH = grad_RH.new_zeros((mine_T.numel(), grad_RH.shape[-1]))
+        grad_TH[tokens] = grad_RH[first_row_T[tokens]]
+        dist.all_reduce(grad_TH, group=ctx.group)  # one holder per token: exact
+        grad_weights_TE = torch.einsum("th,eth->te", grad_TH, outputs_ETH.to(grad_TH.dtype))
+        return grad_RH, grad_weights_TE.to(ctx.weights_dtype), None, None, None, None

@@ -43,9 +43,9 @@ from megatron_ec.moe.densemixer import dense_gate_weights
 from megatron_ec.moe.methods.base import Method, MethodConfig, MoEFacts
 from megatron_ec.moe.methods.registry import register
 
-EP_LIMIT = ("method densemixer supports expert_model_parallel_size=1 only (any TP/ETP): its dense "
-            "router gradient needs every expert on every token, an EP all-gather not wired yet "
-            "(docs/BASELINES.md)")
+EP_LIMIT = ("method densemixer: expert_model_parallel_size > 1 needs "
+            "expert_tensor_parallel_size=1 (its dense router gradient gathers every token over "
+            "one group, EP or expert TP; docs/BASELINES.md)")
 
 
 @dataclass(frozen=True)
