@@ -22,13 +22,17 @@ Where it enters Megatron-Core's MoE layer, through the two seams only (no fork):
   The gradient reaching a dispatched row is d L / d y_t of its token (the combine's unpermute is a
   sum of rows, the expert-TP reduce-scatter's backward is an all-gather), so c_t's backward gives
   the router exactly sum_{e unsel} <dL/dy_t, E_e(h_t)> d p~_te. The row -> token map is the
-  dispatchers' permutation order at EP1 (expert-major, then token in the expert-TP-gathered
-  order; both dispatchers), checked bitwise against the dispatched hidden states every forward.
+  dispatchers' permutation order (local-expert-major, then token in the gathered order; both
+  dispatchers), checked bitwise against the dispatched hidden states every forward.
 
 TP: with ETP1 every rank's experts see its own sequence-parallel tokens; with ETP>1 the scores and
 maps are gathered over the expert-TP group like the dispatcher gathers tokens, each rank adds its
 partial c (its fc2 shard), and the scores' gather backward (a reduce-scatter) sums the partial
-router gradients. EP>1 is refused (see docs/BASELINES.md for the design it needs).
+router gradients. EP>1 (with ETP1): hidden states, scores and maps are gathered over EP, each rank
+runs its local experts on all EP·T tokens, and a zero-valued tap on the expert rows
+(`_EPRouterTap`) all-reduces dL/dy over EP in the backward, so every rank can form its unselected
+local experts' router term; the scores' gather returns it to the token owners. EP with ETP>1 is
+refused (docs/BASELINES.md).
 """
 
 from __future__ import annotations
