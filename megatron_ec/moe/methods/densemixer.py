@@ -1,4 +1,5 @@
-"""DenseMixer (METHODS.md s.5): the ordinary top-k forward, a dense straight-through router gradient.
+"""DenseMixer (METHODS.md s.5): the ordinary top-k forward, a dense straight-through router
+gradient.
 
     y = stopgrad(y_sparse) + y_dense - stopgrad(y_dense),   y_dense = sum_e p~_e Ê_e(h)
 
