@@ -63,16 +63,19 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         self.routing_cfg = routing_cfg
         self.policy = policy
         self.slots = slots
-        fp32 = {"dtype": torch.float32, "device": self.weight.device}  # where the router lives
-        self.register_buffer("selection_bias", torch.zeros(num_experts, **fp32))
-        self.register_buffer("usage_accum", torch.zeros(num_experts, **fp32), persistent=False)
+        device, fp32 = self.weight.device, torch.float32  # where the router's weight lives
+        self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=fp32, device=device))
+        self.register_buffer("usage_accum", torch.zeros(num_experts, dtype=fp32, device=device),
+                             persistent=False)
         # [sum of condenser gate weights, number of (token, condenser) pairs] of the step
-        self.register_buffer("gate_accum", torch.zeros(2, **fp32), persistent=False)
-        self.register_buffer("last_usage", torch.zeros(num_experts, **fp32), persistent=False)
+        self.register_buffer("gate_accum", torch.zeros(2, dtype=fp32, device=device),
+                             persistent=False)
+        self.register_buffer("last_usage", torch.zeros(num_experts, dtype=fp32, device=device),
+                             persistent=False)
         # mean condenser gate weight of the last step (nan: none), read by the metrics
-        self.register_buffer("last_gate", torch.full((), float("nan"), **fp32), persistent=False)
-        self.register_buffer("condenser_ids",
-                             torch.empty(0, dtype=torch.long, device=self.weight.device),
+        self.register_buffer("last_gate", torch.full((), float("nan"), dtype=fp32, device=device),
+                             persistent=False)
+        self.register_buffer("condenser_ids", torch.empty(0, dtype=torch.long, device=device),
                              persistent=False)
 
     @property

@@ -302,20 +302,21 @@ def validate_condensers(condensers: Condensers, num_experts: int, device=None) -
     if condensers is None:
         return torch.zeros(0, dtype=torch.long, device=device)
     host = not isinstance(condensers, torch.Tensor) or _reads_values(condensers)
-    condensers_R = torch.as_tensor(condensers, dtype=torch.long, device=device)
+    # Host ids are checked where they are, then moved; device ids are not read.
+    condensers_R = torch.as_tensor(condensers, dtype=torch.long,
+                                   device=None if host else device)
     if condensers_R.dim() != 1:
         raise ValueError(
             f"condensers must be 1-D expert ids, got shape {tuple(condensers_R.shape)}."
         )
-    if not host:
-        return condensers_R
-    ids = condensers_R.tolist()
-    if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
-        raise ValueError(
-            f"condensers must be distinct expert ids in [0, {num_experts}), got {ids}; "
-            "pick them with select_condensers(bias, r)."
-        )
-    return condensers_R
+    if host:
+        ids = condensers_R.tolist()
+        if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"condensers must be distinct expert ids in [0, {num_experts}), got {ids}; "
+                "pick them with select_condensers(bias, r)."
+            )
+    return condensers_R if device is None else condensers_R.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
