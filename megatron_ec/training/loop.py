@@ -80,7 +80,7 @@ def build_model(start: StartPoint, cfg: FinetuneConfig, method: Method):
                              seq_length=cfg.data.seq_length)
     family = get_family(start.family) if start.family else None
     model, tcfg = assemble_model(start.model_cfg, method, cfg.parallel, runtime, family=family)
-    if torch.cuda.is_available():  # built on the host (use_cpu_initialization), as Megatron's get_model
+    if torch.cuda.is_available():  # built on the host (use_cpu_initialization): as get_model
         model.cuda(torch.cuda.current_device())
     if cfg.train.precision != "fp32":
         from megatron.core.transformer.module import Float16Module
@@ -90,7 +90,7 @@ def build_model(start: StartPoint, cfg: FinetuneConfig, method: Method):
 
 
 def _dp_sum(values: list[float | torch.Tensor]) -> list[float]:
-    """Sums over the data-parallel group, read back to the host once (the step's one read).
+    """Sums over the data-parallel group, read back to the host in one copy.
 
     The tensor lives where the group's backend wants it (CUDA under NCCL, CPU under gloo).
     """
