@@ -42,7 +42,7 @@ def dequantize(blocks_ERGB: torch.Tensor, scales_ERG: torch.Tensor,
     if blocks_ERGB.dim() != 4 or tuple(blocks_ERGB.shape[:-1]) != tuple(scales_ERG.shape):
         raise ValueError(f"MXFP4 blocks {tuple(blocks_ERGB.shape)} do not match scales "
                          f"{tuple(scales_ERG.shape)} (want [E, R, G, 16] and [E, R, G])")
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks_ERGB.device)
     codes = torch.stack([blocks_ERGB & 0x0F, blocks_ERGB >> 4], dim=-1).long()  # [E, R, G, B, 2]
     values = table[codes].flatten(-3)  # [E, R, G * B * 2]: each block's 32 elements in order
     exponents = (scales_ERG.to(torch.int32) - SCALE_BIAS).repeat_interleave(BLOCK, dim=-1)

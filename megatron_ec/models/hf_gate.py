@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
-from megatron_ec.moe.routing import RoutingConfig, route
+from megatron_ec.moe.routing import RoutingConfig, num_slots, route, validate_condensers
 
 
 class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
@@ -38,7 +38,9 @@ class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
         self.routing_cfg = routing_cfg
         self.fp32_weights = fp32_weights
         self.register_buffer("selection_bias", bias_E, persistent=False)
-        ids = torch.tensor(condensers or [], dtype=torch.long)
+        # Validated once, here on the host; the forward reads no values.
+        ids = validate_condensers(list(condensers or []), routing_cfg.num_experts, weight.device)
+        self.slots = num_slots(routing_cfg, ids.numel())
         self.register_buffer("condenser_ids", ids, persistent=False)
 
     def forward(self, hidden_states: torch.Tensor):
@@ -49,8 +51,11 @@ class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
         condensers = self.condenser_ids if self.condenser_ids.numel() else None
         probs_TE, routing_map_TE = route(logits_TE, self.routing_cfg, self.selection_bias,
                                          condensers)
-        num_tokens = routing_map_TE.shape[0]
-        ids_TK = routing_map_TE.nonzero()[:, 1].view(num_tokens, -1)
+        # The selected ids in ascending order, as `nonzero()` listed them, without its host
+        # read: a stable descending sort puts each row's True entries first, in id order.
+        order_TE = torch.sort(routing_map_TE.to(torch.uint8), dim=1, descending=True,
+                              stable=True).indices
+        ids_TK = order_TE[:, :self.slots]
         weights_TK = probs_TE.gather(1, ids_TK)
         if not self.fp32_weights:
             weights_TK = weights_TK.to(hidden_states.dtype)
