@@ -131,6 +131,9 @@ class PhaseStart:
     micro_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
     """One pass over this rank's training micro-batches (the trainer's batch dicts), from a
     sampler of its own, for a scoring pass before training (ESFT); None outside the trainer."""
+    out_dir: "str | None" = None
+    """The run's `output.dir` (where a method writes what it decided, e.g. ESFT's selection
+    file, on rank 0); None outside the trainer."""
 
 
 class Method:
