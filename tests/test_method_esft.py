@@ -162,6 +162,11 @@ def test_config_and_listed_experts_are_checked(one_rank):
 
 STEPS = 3
 TOP_P = 0.6
+LR = 1e-3
+ADAM_EPS = 1e-6
+"""AdamW's step g / (|g| + eps) amplifies the layout rounding of a gradient near eps by ~lr/eps:
+at lr 1e-2, eps 1e-8 the EP2-EP1 weights differed by 1.10 FP32_LAYOUT limits, at lr 1e-3 by 0.50;
+with eps 1e-6 (lr 1e-3) by 0.021 (measured, 2 ranks, this CPU box)."""
 _EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
@@ -189,7 +194,7 @@ def _esft_train_worker(tmp_dir):
         method.set_trainable(model)
         before = full_tensors(model)
         ddp = wrap_ddp(model, tcfg)
-        optimizer = build_optimizer(ddp, TrainConfig(lr=1e-2, weight_decay=0.1, clip_grad=1.0))
+        optimizer = build_optimizer(ddp, TrainConfig(lr=LR, weight_decay=0.1, clip_grad=1.0, adam_eps=ADAM_EPS))
         model.train()
         for step in range(STEPS):
             ddp.zero_grad_buffer()
@@ -238,9 +243,9 @@ def test_only_selected_experts_train_and_ep2_matches_ep1(tmp_path):
                 assert torch.equal(tensor, before[name]), f"EP{ep}: frozen {name} moved"
         assert changed > 0
         assert any("router" in n for n in after) and any("shared_experts" in n for n in after)
-    for name in one["after"]:
-        assert_close_scaled(two["after"][name], one["after"][name], FP32_LAYOUT,
-                            f"EP2 vs EP1 {name}")
+    worst = max(assert_close_scaled(two["after"][name], one["after"][name], FP32_LAYOUT,
+                                    f"EP2 vs EP1 {name}") for name in one["after"])
+    print(f"EP2 vs EP1 weights: worst {worst:.3f} of FP32_LAYOUT")
 
 
 # ---------------------------------------------------------------------------------------------
