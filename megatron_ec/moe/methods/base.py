@@ -51,8 +51,8 @@ class MethodConfig:
     """
 
     name: str = "sft"
-    """The fine-tuning method: sft, bias or condenser (METHODS.md s.1-3); the keys below say
-    which methods use them. ESFT and DenseMixer will join this list."""
+    """The fine-tuning method: sft, bias, condenser or esft (METHODS.md s.1-4); the keys below
+    say which methods use them. DenseMixer will join this list."""
 
     def __post_init__(self) -> None:
         from megatron_ec.moe.methods.registry import method_class

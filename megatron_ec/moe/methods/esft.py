@@ -190,6 +190,8 @@ class ESFT(Method):
         routes different tokens. Collective: every rank must call it with the same number of
         micro-batches (the trainer's `eval_micro_batches` pads the last global one)."""
         routers = router_ops.ec_routers(model)
+        if not routers:
+            raise ValueError("ESFT: the model has no MoE layer to score")
         device = routers[0].weight.device
         num_experts = routers[0].config.num_moe_experts
         sums = {r.layer_index: torch.zeros(2 * num_experts + 1, dtype=torch.float64,
