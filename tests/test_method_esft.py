@@ -156,6 +156,60 @@ def test_config_and_listed_experts_are_checked(one_rank):
                 PhaseStart(model, make_method("sft"), resumed=False))
 
 
+class _StackedExperts(torch.nn.Module):
+    """Legacy GroupedMLP's layout: weight1 [H, E * 2F] (experts along dim 1), weight2 [E * F, H]."""
+
+    def __init__(self, num_local: int, hidden: int = 4, ffn: int = 3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight1 = torch.nn.Parameter(torch.randn(hidden, num_local * 2 * ffn, generator=gen))
+        self.weight2 = torch.nn.Parameter(torch.randn(num_local * ffn, hidden, generator=gen))
+
+
+class _PerExpertLinear(torch.nn.Module):
+    def __init__(self, num_local: int):
+        super().__init__()
+        for i in range(num_local):
+            self.register_parameter(f"weight{i}", torch.nn.Parameter(torch.randn(2, 3)))
+
+
+def test_fused_expert_tensors_freeze_rows_through_weight_decay():
+    from megatron_ec.moe.methods.esft import freeze_experts
+
+    te = torch.nn.Module()  # TEGroupedMLP's layout: one tensor per local expert
+    te.linear_fc1, te.linear_fc2 = _PerExpertLinear(3), _PerExpertLinear(3)
+    assert freeze_experts(te, [0, 2], 3) == []
+    assert [p.requires_grad for p in te.linear_fc1.parameters()] == [True, False, True]
+    fused = torch.nn.Module()
+    fused.weight = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(NotImplementedError, match="moe_single_grouped_weight"):
+        freeze_experts(fused, [0], 3)
+
+    experts = _StackedExperts(3)
+    before = {n: p.detach().clone() for n, p in experts.named_parameters()}
+    method = make_method("esft")
+    method._row_freezes = freeze_experts(experts, [1], 3)
+    assert len(method._row_freezes) == 2 and all(p.requires_grad for p in experts.parameters())
+    optimizer = torch.optim.AdamW(experts.parameters(), lr=0.1, weight_decay=0.5, foreach=False)
+    for _ in range(2):
+        for p in experts.parameters():
+            p.main_grad = torch.randn_like(p)
+        method.after_backward(experts)
+        for p in experts.parameters():
+            p.grad = p.main_grad
+        optimizer.step()
+        moved = not torch.equal(experts.weight2[:3], before["weight2"][:3])
+        assert moved, "weight decay alone moves frozen rows; the restore must undo it"
+        method.after_optimizer_step(experts)
+    w1, w2 = experts.weight1, experts.weight2
+    for e in (0, 2):  # frozen: bitwise; expert 1: trained
+        assert torch.equal(w1[:, 6 * e:6 * e + 6], before["weight1"][:, 6 * e:6 * e + 6])
+        assert torch.equal(w2[3 * e:3 * e + 3], before["weight2"][3 * e:3 * e + 3])
+        assert not w1.main_grad[:, 6 * e:6 * e + 6].any()
+    assert not torch.equal(w1[:, 6:12], before["weight1"][:, 6:12])
+    assert not torch.equal(w2[3:6], before["weight2"][3:6])
+
+
 # ---------------------------------------------------------------------------------------------
 # (2) What trains, at EP1 and EP2 (one 2-rank launch).
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SELECTION_FILE = "esft_selection.json"
 """Written by rank 0 into `output.dir` after the scoring pass."""
 
-_INDEXED = re.compile(r"^(?:.*\.)?(?:weight|bias)(\d+)$")
+_INDEXED = re.compile(r"^linear_fc[12]\.(?:weight|bias)(\d+)$")
 """TEGroupedMLP's per-expert tensors: linear_fc1.weight<i>, linear_fc2.bias<i>, ..."""
 _STACKED = {"weight1": 1, "weight2": 0}
 """Legacy GroupedMLP: weight1 [H, E_local * 2F] (experts along dim 1), weight2 [E_local * F, H]."""
@@ -120,16 +120,31 @@ def _local_expert_params(experts: torch.nn.Module, num_local: int):
         return per_expert, stacked
     for name, param in experts.named_parameters():
         match = _INDEXED.match(name)
-        leaf = name.rsplit(".", 1)[-1]
-        if match and int(match.group(1)) < num_local:
+        if name in _STACKED:  # GroupedMLP's own weight1/weight2 (TE's sit under linear_fc1/2)
+            stacked.append((name, param, _STACKED[name]))
+        elif match and "." in name and int(match.group(1)) < num_local:
             per_expert.append((int(match.group(1)), param))
-        elif leaf in _STACKED:
-            stacked.append((name, param, _STACKED[leaf]))
         else:
             raise NotImplementedError(
                 f"ESFT cannot tell which expert owns {type(experts).__name__}.{name} "
                 f"{tuple(param.shape)}; use per-expert weights (moe_single_grouped_weight off)")
     return per_expert, stacked
+
+
+def freeze_experts(experts: torch.nn.Module, trainable_local, num_local: int) -> list[tuple]:
+    """Only the `trainable_local` experts of one experts module keep requires_grad; returns the
+    (param, ExpertRowFreeze, snapshot) of each tensor that stacks trainable and frozen experts."""
+    local = set(int(e) for e in trainable_local)
+    per_expert, stacked = _local_expert_params(experts, num_local)
+    for expert, param in per_expert:
+        param.requires_grad_(expert in local)
+    freezes = []
+    for _, param, dim in stacked:
+        param.requires_grad_(bool(local))
+        if local and len(local) < num_local:
+            freeze = esft.expert_row_freeze(sorted(local), num_local, param.shape[dim], dim)
+            freezes.append((param, freeze, freeze.snapshot(param)))
+    return freezes
 
 
 @register
@@ -266,15 +281,7 @@ class ESFT(Method):
             num_experts = layer.router.config.num_moe_experts
             selected = self.decisions.experts.get(layer.router.layer_index, [])
             local = set(esft.local_trainable_experts(selected, num_experts, ep_rank, ep_size))
-            num_local = num_experts // ep_size
-            per_expert, stacked = _local_expert_params(layer.experts, num_local)
-            for expert, param in per_expert:
-                param.requires_grad_(expert in local)
-            for _, param, dim in stacked:
-                param.requires_grad_(bool(local))
-                if local and len(local) < num_local:
-                    freeze = esft.expert_row_freeze(sorted(local), num_local, param.shape[dim], dim)
-                    self._row_freezes.append((param, freeze, freeze.snapshot(param)))
+            self._row_freezes += freeze_experts(layer.experts, local, num_experts // ep_size)
 
     def after_backward(self, model: torch.nn.Module) -> None:
         for param, freeze, _ in self._row_freezes:
