@@ -363,6 +363,7 @@ def test_esft_runs_through_finetune_resume_export_and_hf_restore(demo_start, tmp
         args=(str(config), str(resumed), str(out), str(hf_out)), timeout=900)
     assert not rescored, "the resumed run scored again"
     assert diff < TOL  # verify's limit: the HF model routes like the Megatron model
+    print(f"verify: max logit diff {diff:.3e} (limit {TOL:g})")
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
     trained = ckpt_dir.latest_iteration(out)
