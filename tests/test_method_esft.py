@@ -156,6 +156,24 @@ def test_config_and_listed_experts_are_checked(one_rank):
                 PhaseStart(model, make_method("sft"), resumed=False))
 
 
+@pytest.mark.parametrize("shared,non_expert", [(False, False), (True, False), (False, True)])
+def test_switches_choose_what_trains_besides_the_selected_experts(one_rank, shared, non_expert):
+    method = make_method("esft", experts={1: [0, 4], 2: [3]}, train_shared_experts=shared,
+                         train_non_expert_modules=non_expert)
+    model, _ = build_tiny(ParallelConfig(), method=method)
+    method.begin_phase(PhaseStart(model, make_method("sft"), resumed=False))
+    method.set_trainable(model)
+    for name, param in model.named_parameters():
+        match = re.match(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.", name)
+        if match:
+            expected = int(match.group(2)) in {1: [0, 4], 2: [3]}.get(int(match.group(1)), [])
+        elif ".shared_experts." in name:
+            expected = shared
+        else:
+            expected = non_expert
+        assert param.requires_grad == expected, name
+
+
 class _StackedExperts(torch.nn.Module):
     """Legacy GroupedMLP's layout: weight1 [H, E * 2F] (experts along dim 1), weight2 [E * F, H]."""
 
