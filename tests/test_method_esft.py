@@ -266,7 +266,8 @@ def _esft_train_worker(tmp_dir):
         method.set_trainable(model)
         before = full_tensors(model)
         ddp = wrap_ddp(model, tcfg)
-        optimizer = build_optimizer(ddp, TrainConfig(lr=LR, weight_decay=0.1, clip_grad=1.0, adam_eps=ADAM_EPS))
+        optimizer = build_optimizer(ddp, TrainConfig(lr=LR, weight_decay=0.1, clip_grad=1.0,
+                                                     adam_eps=ADAM_EPS))
         model.train()
         for step in range(STEPS):
             ddp.zero_grad_buffer()
