@@ -80,8 +80,9 @@ def test_the_registry_picks_the_config_class_by_name():
     assert type(_method_section()).__name__ == "SFTConfig"
     condenser = _method_section(name="condenser", gamma=5e-5, num_condensers=[1, 0])
     assert type(condenser).__name__ == "CondenserConfig" and condenser.num_condensers == [1, 0]
-    with pytest.raises(ConfigError, match="method.name='esft': use one of sft, bias, condenser"):
-        _method_section(name="esft")
+    with pytest.raises(ConfigError,
+                       match="method.name='nosuch': use one of sft, bias, condenser, densemixer, esft"):
+        _method_section(name="nosuch")
 
 
 @pytest.mark.parametrize("name, key, owners", [

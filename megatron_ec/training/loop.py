@@ -197,7 +197,8 @@ class Phase:
         self.method.begin_phase(PhaseStart(
             self.model, start.source_method, resumed=resume is not None,
             micro_batches=lambda: eval_micro_batches(dataset, cfg.train.micro_batch_size,
-                                                     dp_rank, dp_size)))
+                                                     dp_rank, dp_size),
+            out_dir=str(self.out)))
         self.method.set_trainable(self.model)
 
     def _resume(self, resume: Path) -> None:

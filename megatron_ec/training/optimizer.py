@@ -121,9 +121,17 @@ class TorchAdamW:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip_grad = cfg.clip_grad
+        groups = _param_groups(model, cfg.weight_decay)
+        # Frozen parameters (a method's set_trainable) ride along in a group of their own that
+        # never updates (their grad stays None: AdamW skips them, weight decay included), so that
+        # the saved state covers every shard of a sharded tensor whose other shards train (ESFT:
+        # one stacked key for all experts of a layer); their moments are zero placeholders.
+        self.frozen = [p for p in model.parameters() if not p.requires_grad]
+        if self.frozen:
+            groups.append({"params": self.frozen, "weight_decay": 0.0})
         # foreach=False: the per-tensor loop is bitwise reproducible regardless of grouping.
         self.inner = torch.optim.AdamW(
-            _param_groups(model, cfg.weight_decay), lr=cfg.lr,
+            groups, lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False,
         )
 
@@ -147,8 +155,22 @@ class TorchAdamW:
 
         target = Path(directory) / OPTIMIZER_DIR
         target.mkdir(parents=True, exist_ok=True)
+        self._frozen_placeholders()
         dist_checkpointing.save(sharded_adamw_state(self.inner, model.sharded_state_dict()),
                                 str(target))
+
+    def _frozen_placeholders(self) -> None:
+        """Zero moments for the frozen parameters, at the trainable ones' step count."""
+        steps = [self.inner.state[p]["step"] for p in self.params if p in self.inner.state]
+        if not self.frozen or not steps:
+            return
+        for param in self.frozen:
+            state = self.inner.state.get(param)
+            if state is None:
+                self.inner.state[param] = state = {
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+            state["step"] = steps[0].clone()
 
     def load(self, directory: Path, model) -> None:
         from megatron.core import dist_checkpointing
@@ -268,6 +290,19 @@ class MegatronAdam:
         target.mkdir(parents=True, exist_ok=True)
         state = self.inner.sharded_state_dict(model.sharded_state_dict(), metadata=self.SHARDING)
         dist_checkpointing.save(state, str(target))
+
+    def _frozen_placeholders(self) -> None:
+        """Zero moments for the frozen parameters, at the trainable ones' step count."""
+        steps = [self.inner.state[p]["step"] for p in self.params if p in self.inner.state]
+        if not self.frozen or not steps:
+            return
+        for param in self.frozen:
+            state = self.inner.state.get(param)
+            if state is None:
+                self.inner.state[param] = state = {
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+            state["step"] = steps[0].clone()
 
     def load(self, directory: Path, model) -> None:
         from megatron.core import dist_checkpointing

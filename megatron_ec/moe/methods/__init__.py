@@ -5,6 +5,7 @@
     sft.py        SFT, with or without the family's aux loss          (METHODS.md s.1)
     bias.py       aux-loss-free bias routing                           (s.2)
     condenser.py  ExpertCondenser, paper and reference modes           (s.3)
+    esft.py       ESFT: score experts on task data, train the selected  (s.4)
     saved.py      method_state.json and megatron_ec_routing.json (and their older formats)
 """
 

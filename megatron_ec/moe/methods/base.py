@@ -51,8 +51,8 @@ class MethodConfig:
     """
 
     name: str = "sft"
-    """The fine-tuning method: sft, bias, condenser or densemixer (METHODS.md s.1-3, 5); the keys
-    below say which methods use them. ESFT will join this list."""
+    """The fine-tuning method: sft, bias, condenser, densemixer or esft (METHODS.md s.1-5); the
+    keys below say which methods use them."""
 
     def __post_init__(self) -> None:
         from megatron_ec.moe.methods.registry import method_class
@@ -131,6 +131,9 @@ class PhaseStart:
     micro_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
     """One pass over this rank's training micro-batches (the trainer's batch dicts), from a
     sampler of its own, for a scoring pass before training (ESFT); None outside the trainer."""
+    out_dir: "str | None" = None
+    """The run's `output.dir` (where a method writes what it decided, e.g. ESFT's selection
+    file, on rank 0); None outside the trainer."""
 
 
 class Method:
