@@ -21,6 +21,7 @@ from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_paralle
 from megatron_ec.training.distributed import finalize_grads, wrap_ddp
 from megatron_ec.training.loop import forward_backward
 from tests.harness import run_on_ranks
+from tests.test_finetune_support import demo_start  # noqa: F401 (a fixture)
 from tests.tiny import build_tiny, forward_loss, tiny_batch
 from tests.tolerance import FP32_LAYOUT, FP32_ORACLE, assert_all_close_scaled, assert_close_scaled
 
@@ -221,3 +222,33 @@ def test_variance_loss_layouts_match():
             assert_close_scaled(torch.tensor(value), torch.tensor(ref_value), FP32_LAYOUT,
                                 f"{where}: spec/variance")
             assert_all_close_scaled(grads, ref_grads, FP32_LAYOUT, f"{where}: gradient")
+
+
+# --- the trainer end to end: the demo's baseline recipe, phase sft, with both losses ----------
+
+def test_finetune_logs_spec_losses(demo_start, tmp_path):  # noqa: F811
+    from megatron_ec.models import ckpt_dir
+    from megatron_ec.moe.methods.saved import load_method
+    from megatron_ec.training.metrics import read_metrics
+    from tests.test_finetune_support import REPO, run_cli
+
+    checkpoint, train = demo_start
+    out = tmp_path / "sft_spec"
+    args = ["--config", str(REPO / "examples/recipes/baselines/demo.yaml"), "--phase", "sft",
+            f"model.checkpoint={checkpoint}", f"data.train={train}",
+            f"data.cache_dir={tmp_path / 'cache'}", f"phases.sft.output.dir={out}",
+            "output.tensorboard=false", "train.max_steps=2", "train.global_batch_size=4",
+            "parallel.expert_model_parallel_size=1",
+            "method.spec_losses={variance: 1.0e-3, orthogonality: 1.0e-4}"]
+    result = run_cli("megatron_ec.finetune", args, nproc=1, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(out / "metrics.jsonl")
+    assert len(records) == 2
+    for record in records:
+        assert record["spec/variance"] < 0 < record["spec/orthogonality"]
+    saved = load_method(ckpt_dir.latest_iteration(out))
+    assert saved.config.spec_losses == {"variance": 1e-3, "orthogonality": 1e-4}
+
+    refused = run_cli("megatron_ec.finetune", args[:-2] + [
+        "parallel.expert_model_parallel_size=2", args[-1]], nproc=1, timeout=300)
+    assert refused.returncode == 2 and "orthogonality supports only" in refused.stderr

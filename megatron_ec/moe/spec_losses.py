@@ -158,7 +158,8 @@ def micro_batch_terms(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
         record = router.take_spec_record()
         if record is None:
             raise RuntimeError(f"layer {router.layer_index}: no router record of the micro-batch "
-                               "(method.spec_losses needs a training forward with grad)")
+                               "(method.spec_losses needs a training forward with grad, and a "
+                               "router built with record_scores: Method.router_builder's)")
         scores_TE, real_T, routing_map_TE = record
         if "variance" in per_layer:
             per_layer["variance"].append(
