@@ -10,17 +10,20 @@ Variance (any layout): every `ECRouter` built with `record_scores=True` keeps, p
 forward that builds a graph, softmax(logits) over all E experts [T, E] (with its graph), the
 real-token mask and the routing map of its own tokens (`ECRouter.spec_record`).
 
-Orthogonality (EP1 and TP1 only): the experts of every MoE layer are Megatron-Core's own class
-with `UnweightedOutputs` mixed in (`with_unweighted_outputs`, through `MoESubmodules.experts`):
-they run with probs = 1, keep that unweighted output [T*K, H] (`spec_outputs`) and return it times
-the probs, which is what Megatron-Core computes (its experts scale the activation before the
-bias-free fc2 by the prob). At EP1/TP1 the experts see exactly this rank's tokens in the
-dispatcher's permuted order (expert-major, tokens ascending within an expert: the order of
-`routing_map.T.nonzero()`), so sorting the rows by token gives [T, K, H] aligned with the routing.
-Under EP>1 the K outputs of a token live on different ranks until the combine's all-to-all; the
-design for it (not built): carry [weighted | unweighted] rows (2H wide) through the same combine,
-and un-sort the unweighted half on the token's rank with the dispatcher's permutation before
-`unpermute` sums the weighted half. A config with orthogonality and EP>1 or TP>1 is a one-line
+Orthogonality (TP1; EP > 1 with the alltoall dispatcher): the experts of every MoE layer are
+Megatron-Core's own class with `UnweightedOutputs` mixed in (`with_unweighted_outputs`, through
+`MoESubmodules.experts`): they run with probs = 1, keep that unweighted output [rows, H]
+(`spec_outputs`, on the expert's rank, in the dispatched order) and return it times the probs,
+which is what Megatron-Core computes (its experts scale the activation before the bias-free fc2
+by the prob). After the forward, `micro_batch_loss` sends those rows home along the dispatcher's
+own combine path: `combine_preprocess` (un-sort by local expert) and `token_combine` (the
+all-to-all back, with the splits the forward's dispatch recorded), both side-effect free and
+autograd-aware; it stops before `combine_postprocess`, whose `unpermute` would sum a token's K
+rows. On the token's rank the rows are then in the order of the dispatcher's `permute`
+(expert-major, tokens ascending within an expert: `routing_map.T.nonzero()`), so sorting them
+by token gives [T, K, H] aligned with the routing. The extra all-to-all is collective: every EP
+rank runs it per MoE layer, in layer order, in `micro_batch_loss`. At EP1 the rows need no
+transport (any dispatcher). TP > 1, or EP > 1 with another dispatcher, is a one-line config
 error (`check_layout`).
 
 Normalisation (ours): each term is the mean over MoE layers of the per-layer loss (means over
@@ -56,15 +59,19 @@ def check_weights(weights: dict) -> None:
 
 
 def check_layout(weights: dict, tensor_parallel: int, expert_parallel: int,
-                 recompute: str) -> None:
+                 recompute: str, dispatcher: str = "alltoall") -> None:
     """ValueError (one line) for a layout the configured losses do not support."""
     if weights and recompute != "none":
         raise ValueError(f"method.spec_losses needs train.recompute=none (got {recompute!r}): a "
                          "recomputed MoE layer builds its graph only in the backward")
-    if "orthogonality" in weights and (tensor_parallel > 1 or expert_parallel > 1):
+    if "orthogonality" in weights and tensor_parallel > 1:
         raise ValueError("method.spec_losses.orthogonality supports only "
-                         "parallel.expert_model_parallel_size=1 and tensor_model_parallel_size=1 "
-                         f"(got TP{tensor_parallel} EP{expert_parallel}); drop it or use TP1 EP1")
+                         f"parallel.tensor_model_parallel_size=1 (got {tensor_parallel}); drop it "
+                         "or use TP1")
+    if "orthogonality" in weights and expert_parallel > 1 and dispatcher != "alltoall":
+        raise ValueError("method.spec_losses.orthogonality with parallel.expert_model_parallel_size"
+                         f"={expert_parallel} needs parallel.token_dispatcher=alltoall (got "
+                         f"{dispatcher!r})")
 
 
 class UnweightedOutputs:
@@ -134,12 +141,28 @@ def layer_variance(scores_TE: torch.Tensor, real_T: torch.Tensor,
     return variance_loss(scores_TE, real_T) * count / total.clamp(min=1.0)
 
 
+def rows_on_token_rank(layer, rows_NH: torch.Tensor) -> torch.Tensor:
+    """The expert-side rows of `layer`'s last forward, on their tokens' rank, in `permute` order."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    dispatcher = layer.token_dispatcher
+    if dispatcher.tp_size > 1:
+        raise RuntimeError("orthogonality: expert tensor parallelism is not supported")
+    if dispatcher.ep_size == 1:
+        return rows_NH
+    if not isinstance(dispatcher, MoEAlltoAllTokenDispatcher) or \
+            dispatcher.shared_experts is not None or dispatcher.drop_and_pad:
+        raise RuntimeError("orthogonality under EP needs the alltoall dispatcher without "
+                           "shared-expert overlap or capacity padding")
+    return dispatcher.token_combine(dispatcher.combine_preprocess(rows_NH))
+
+
 def group_per_token(outputs_NH: torch.Tensor, routing_map_TE: torch.Tensor):
-    """([T, K, H] outputs, [T, K] expert ids) from the permuted rows of an EP1/TP1 dispatch."""
+    """([T, K, H] outputs, [T, K] expert ids) from the rows in `permute` order (expert-major)."""
     experts_N, tokens_N = routing_map_TE.T.nonzero(as_tuple=True)
     if experts_N.numel() != outputs_NH.shape[0]:
         raise RuntimeError(f"orthogonality: {outputs_NH.shape[0]} expert rows for "
-                           f"{experts_N.numel()} routed slots (experts see other ranks' tokens?)")
+                           f"{experts_N.numel()} routed slots (not this rank's tokens?)")
     order = torch.argsort(tokens_N, stable=True)
     num_tokens, slots = routing_map_TE.shape[0], experts_N.numel() // routing_map_TE.shape[0]
     return (outputs_NH[order].view(num_tokens, slots, -1),
@@ -168,7 +191,8 @@ def micro_batch_terms(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
             outputs = layer.experts.take_spec_outputs()
             if outputs is None:
                 raise RuntimeError(f"layer {router.layer_index}: no expert outputs recorded")
-            outputs_TKH, ids_TK = group_per_token(outputs, routing_map_TE)
+            outputs_TKH, ids_TK = group_per_token(rows_on_token_rank(layer, outputs),
+                                                  routing_map_TE)
             per_layer["orthogonality"].append(orthogonality_loss(outputs_TKH, ids_TK, real_T))
     return {name: torch.stack(values).mean() for name, values in per_layer.items() if values}
 

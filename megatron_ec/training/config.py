@@ -170,7 +170,8 @@ class FinetuneConfig:
 
         self.method.check_for_training()
         check_layout(self.method.spec_losses, self.parallel.tensor_model_parallel_size,
-                     self.parallel.expert_model_parallel_size, self.train.recompute)
+                     self.parallel.expert_model_parallel_size, self.train.recompute,
+                     self.parallel.token_dispatcher)
 
 
 def describe(cfg: Any) -> str:
