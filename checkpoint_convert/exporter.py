@@ -19,7 +19,7 @@ import torch
 
 from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.importer import DTYPE_NAMES, family_for
-from checkpoint_convert.mapping import Entry, expand, megatron_name
+from checkpoint_convert.mapping import Entry, expand, group_to_hf, hf_groups, megatron_name
 from checkpoint_convert.model import load_megatron, open_checkpoint
 from checkpoint_convert.outputs import check_output, copy_tokenizer, staged_directory
 from checkpoint_convert.load import expected_hf_shapes
@@ -51,17 +51,18 @@ def hf_plan(entries: list[Entry], cfg: MoEModelConfig, params: dict[str, torch.T
     unmapped = sorted(set(params) - {entry.megatron for entry in entries})
     if unmapped:
         raise RuntimeError(f"the family has no rule for Megatron parameters {unmapped[:3]}")
-    return [Planned(name, shape, dtype) for entry in entries
-            for name, shape in zip(entry.hf, expected_hf_shapes(
-                entry, tuple(params[entry.megatron].shape), cfg))]
+    return [Planned(name, shape, dtype) for group in hf_groups(entries)
+            for name, shape in zip(group[0].hf, expected_hf_shapes(
+                group[0], tuple(params[group[0].megatron].shape), cfg))]
 
 
 def hf_tensors(entries: list[Entry], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
                dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every rule entry, from TP1/EP1 Megatron tensors, one at a time."""
-    for entry in entries:
-        outputs = entry.rule.to_hf(params[entry.megatron], cfg)
-        for name, tensor in zip(entry.hf, outputs, strict=True):
+    """(HF name, tensor) for every rule entry, from TP1/EP1 Megatron tensors, one at a time
+    (a stacked-experts rule: one layer's E experts at a time)."""
+    for group in hf_groups(entries):
+        entry = group[0]
+        for name, tensor in zip(entry.hf, group_to_hf(group, cfg, params), strict=True):
             if entry.rule.pads_vocab:
                 tensor = tensor[: cfg.vocab_size]
             yield name, tensor.detach().to(dtype, copy=True).contiguous()

@@ -3,7 +3,8 @@
 Safetensors files (one, or shards with `model.safetensors.index.json`) are read through
 `safe_open(...).get_slice`, so a rank reads only the rows it asks for. Pickled `.bin` files are
 opened only with `torch.load(weights_only=True, mmap=True)`. Other on-disk spellings of a tensor
-(the family's `hf_aliases`, fused `[E, ...]` expert tensors) appear under their canonical names.
+(the family's `hf_aliases`, fused `[E, ...]` expert tensors, MXFP4 `_blocks`/`_scales` pairs of the
+family's `mxfp4_tensors`, dequantised on read) appear under their canonical names.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 
 from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.mapping import fill, pattern_regex
+from checkpoint_convert.mxfp4 import Mxfp4Tensor
 from megatron_ec.models.family import Family
 from megatron_ec.textfile import TextFileError, read_json
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
-              "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+              "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool,
+              "U8": torch.uint8}
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
@@ -114,14 +117,23 @@ class HFCheckpoint:
         self.hf_dir = Path(hf_dir)
         self._aliases = [(pattern_regex(alt), canon) for alt, canon in family.hf_aliases.items()]
         self._fused = [(pattern_regex(f.fused), f) for f in family.fused_experts]
+        self._mxfp4 = [(pattern_regex(f"{name}_{part}"), name, part)
+                       for name in family.mxfp4_tensors for part in ("blocks", "scales")]
         self._sources: dict[str, _Source] = {}
         self.bytes_read = 0
-        """Bytes this process has read so far (a rank reads only its slices)."""
+        """Bytes this process has read so far (a rank reads only its slices; MXFP4 tensors count
+        at their dequantised size)."""
         files = _OpenFiles()
+        quantized: dict[str, dict[str, _Source]] = {}
         for path in weight_files(self.hf_dir):
             for key, tensor in _open(path, files).items():
-                for name, source in self._canonical(_Source(path, key, tensor)):
-                    self._add(name, source)
+                source = _Source(path, key, tensor)
+                if self._stash_mxfp4(source, quantized):
+                    continue
+                for name, canonical in self._canonical(source):
+                    self._add(name, canonical)
+        for name, pair in quantized.items():
+            self._add(name, _mxfp4_source(name, pair))
 
     def names(self) -> list[str]:
         return list(self._sources)
@@ -149,6 +161,16 @@ class HFCheckpoint:
         """Size of every tensor of the checkpoint, in its on-disk dtype."""
         return sum(torch.Size(s.shape).numel() * (s.tensor.dtype.itemsize if s.tensor.dtype else 0)
                    for s in self._sources.values())
+
+    def _stash_mxfp4(self, source: _Source, quantized: dict) -> bool:
+        """Keep an MXFP4 `_blocks`/`_scales` tensor for pairing; False if it is not one."""
+        for regex, pattern, part in self._mxfp4:
+            match = regex.match(source.key)
+            if match:
+                name = fill(pattern, match.groupdict().get("layer"))
+                quantized.setdefault(name, {})[part] = source
+                return True
+        return False
 
     def _canonical(self, source: _Source) -> list[tuple[str, _Source]]:
         for regex, canonical in self._aliases:
@@ -178,6 +200,21 @@ class HFCheckpoint:
                                   f"{self._sources[name].where} already holds",
                                   "keep one copy (per-expert or fused layout, not both)")
         self._sources[name] = source
+
+
+def _mxfp4_source(name: str, pair: dict[str, _Source]) -> _Source:
+    """The dequantising source of one MXFP4 blocks/scales pair (both must be present)."""
+    missing = [part for part in ("blocks", "scales") if part not in pair]
+    if missing:
+        where = next(iter(pair.values())).where
+        raise ConversionError(where, f"MXFP4 tensor without its {name}_{missing[0]}",
+                              "copy every shard of the checkpoint")
+    blocks, scales = pair["blocks"], pair["scales"]
+    try:
+        tensor = Mxfp4Tensor(blocks.tensor, scales.tensor)
+    except ValueError as err:
+        raise ConversionError(blocks.where, str(err), "re-download the checkpoint") from None
+    return _Source(blocks.path, blocks.key, tensor)
 
 
 def weight_files(hf_dir: Path) -> list[Path]:

@@ -88,6 +88,8 @@ def expected_hf_shapes(entry: Entry, full_shape: tuple[int, ...], cfg: MoEModelC
     shapes = [tuple(t.shape) for t in outputs]
     if entry.rule.pads_vocab:
         shapes = [(cfg.vocab_size, *shape[1:]) for shape in shapes]
+    if entry.rule.stacked_experts:
+        shapes = [(cfg.num_experts, *shape) for shape in shapes]
     return shapes
 
 
@@ -127,6 +129,10 @@ def _read_whole(ckpt: HFCheckpoint, name: str, entry: Entry, cfg: MoEModelConfig
 def read_param(ckpt: HFCheckpoint, entry: Entry, name: str, p: RankParam,
                cfg: MoEModelConfig) -> torch.Tensor:
     """The value of this rank's slice of Megatron parameter `name`, read from the HF tensors."""
+    if entry.rule.stacked_experts:  # this expert's row of every HF tensor, whole
+        rows = [ckpt.read(hf, 0, entry.expert, entry.expert + 1)[0] for hf in entry.hf]
+        full = entry.rule.to_megatron(rows, cfg)
+        return _shard(name, p.param, full, p.rank, p.size, gated=True) if p.split else full
     if p.split and entry.rule.shardable:
         pieces = [_read_piece(ckpt, hf, entry, p, cfg) for hf in entry.hf]
         return entry.rule.to_megatron(pieces, cfg)

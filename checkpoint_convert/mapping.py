@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
 
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family, Rule
@@ -29,6 +32,16 @@ class Entry:
     megatron: str
     hf: tuple[str, ...]
     rule: Rule
+    expert: int | None = None
+    """Global expert id of an expert rule's entry (the dim-0 index of stacked HF tensors)."""
+
+    def to_megatron(self, hf_tensors: Sequence[torch.Tensor], cfg: MoEModelConfig
+                    ) -> torch.Tensor:
+        """This entry's Megatron tensor from the HF tensors its names hold (stacked: all
+        experts, of which this entry takes its own)."""
+        if self.rule.stacked_experts:
+            hf_tensors = [tensor[self.expert] for tensor in hf_tensors]
+        return self.rule.to_megatron(hf_tensors, cfg)
 
 
 def fill(pattern: str, layer: int | None = None, expert: int | None = None) -> str:
@@ -58,17 +71,42 @@ def expand(family: Family, cfg: MoEModelConfig) -> list[Entry]:
         for layer in _rule_layers(rule, cfg):
             for expert in experts:
                 hf = tuple(fill(name, layer, expert) for name in rule.hf)
-                entries.append(Entry(fill(rule.megatron, layer, expert), hf, rule))
+                entries.append(Entry(fill(rule.megatron, layer, expert), hf, rule, expert))
     _check_unique(family, entries)
     return entries
 
 
 def _check_unique(family: Family, entries: list[Entry]) -> None:
     seen: set[str] = set()
-    for name in [e.megatron for e in entries] + [h for e in entries for h in e.hf]:
+    hf_names = [h for group in hf_groups(entries) for h in group[0].hf]
+    for name in [e.megatron for e in entries] + hf_names:
         if name in seen:
             raise RuntimeError(f"family {family.model_type}: {name} appears in two rules")
         seen.add(name)
+
+
+def hf_groups(entries: list[Entry]) -> Iterator[list[Entry]]:
+    """The entries that produce one set of HF tensors together, in table order: one entry, or
+    the E consecutive entries of a stacked-experts rule's layer (same HF names)."""
+    group: list[Entry] = []
+    for entry in entries:
+        if group and not (entry.rule.stacked_experts and entry.hf == group[0].hf):
+            yield group
+            group = []
+        group.append(entry)
+    if group:
+        yield group
+
+
+def group_to_hf(group: list[Entry], cfg: MoEModelConfig,
+                tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The HF tensors (in `group[0].hf` order) of a group's Megatron `tensors` (by name);
+    stacked experts are stacked on dim 0 in expert order."""
+    outputs = [entry.rule.to_hf(tensors[entry.megatron], cfg) for entry in group]
+    if not group[0].rule.stacked_experts:
+        (only,) = outputs
+        return list(only)
+    return [torch.stack(parts) for parts in zip(*outputs, strict=True)]
 
 
 def megatron_name(name: str, expert_offset: int = 0) -> str:

@@ -23,18 +23,20 @@ def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch
 
 @torch.no_grad()
 def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """[B, S, padded vocab] fp32 logits, gathered over tensor-parallel ranks."""
+    """[B, S, padded vocab] fp32 logits on the host, gathered over tensor-parallel ranks."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     batch, seq_len = tokens.shape
-    position_ids = torch.arange(seq_len).expand(batch, seq_len)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
+    device = next(model.parameters()).device  # a GPU rank's model lives on its GPU
+    tokens = tokens.to(device)
+    position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
     model.eval()
     logits = model(tokens, position_ids, causal[None, None].expand(batch, 1, seq_len, seq_len))
     if ps.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
-    return logits.float()
+    return logits.float().cpu()  # compared on the host with the HF model's logits
 
 
 @torch.no_grad()

@@ -123,3 +123,11 @@ def shutdown_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor handed to a collective over `group` must live: the current CUDA device
+    under NCCL (which refuses CPU tensors), the CPU under gloo or without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -64,23 +64,26 @@ class FamilyParityChecks:
     """Megatron vs HF logits and gradients, per tensor and scale-relative (tests/tolerance.py)."""
 
     @pytest.fixture(scope="class")
-    def references(self):
-        return {case: hf_reference(config) for case, config in self.CASES.items()}
+    @classmethod
+    def references(cls):
+        return {case: hf_reference(config) for case, config in cls.CASES.items()}
 
     @pytest.fixture(scope="class")
-    def hf_dirs(self, tmp_path_factory):
-        root = tmp_path_factory.mktemp(f"{self.FAMILY}_hf")
-        return {case: save_reference(config, root / case, fused=case == self.FUSED_CASE)
-                for case, config in self.CASES.items()}
+    @classmethod
+    def hf_dirs(cls, tmp_path_factory):
+        root = tmp_path_factory.mktemp(f"{cls.FAMILY}_hf")
+        return {case: save_reference(config, root / case, fused=case == cls.FUSED_CASE)
+                for case, config in cls.CASES.items()}
 
     @pytest.fixture(scope="class")
-    def layout_results(self, references, hf_dirs, tmp_path_factory):
+    @classmethod
+    def layout_results(cls, references, hf_dirs, tmp_path_factory):
         tokens = next(iter(references.values())).tokens
         assert all(torch.equal(ref.tokens, tokens) for ref in references.values())
         configs = {case: (ref.model_cfg, ref.full) for case, ref in references.items()}
-        kwargs = {"ckpt_dir": str(tmp_path_factory.mktemp(f"{self.FAMILY}_ckpt")),
-                  "hf_dirs": {self.IMPORT_CASE: hf_dirs[self.IMPORT_CASE]}}
-        return run_on_ranks(parity_worker, world_size=4, args=(self.FAMILY, configs, tokens),
+        kwargs = {"ckpt_dir": str(tmp_path_factory.mktemp(f"{cls.FAMILY}_ckpt")),
+                  "hf_dirs": {cls.IMPORT_CASE: hf_dirs[cls.IMPORT_CASE]}}
+        return run_on_ranks(parity_worker, world_size=4, args=(cls.FAMILY, configs, tokens),
                             kwargs=kwargs, timeout=600)[0]
 
     @pytest.fixture(params=LAYOUTS, ids=lambda layout: f"TP{layout[0]}EP{layout[1]}")

@@ -57,7 +57,7 @@ def hf_to_megatron(family: Family, cfg: MoEModelConfig,
         tensors = [hf[n] for n in entry.hf]
         if entry.rule.pads_vocab:
             tensors = [_pad_rows(t, cfg.padded_vocab_size) for t in tensors]
-        full[entry.megatron] = entry.rule.to_megatron(tensors, cfg)
+        full[entry.megatron] = entry.to_megatron(tensors, cfg)
     used = {name for entry in entries for name in entry.hf}
     ignored = [re.compile(p) for p in family.ignored_hf_keys]
     unmapped = [n for n in hf if n not in used and not any(p.fullmatch(n) for p in ignored)]
@@ -69,12 +69,12 @@ def hf_to_megatron(family: Family, cfg: MoEModelConfig,
 def megatron_to_hf(family: Family, cfg: MoEModelConfig,
                    full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """TP1/EP1 Megatron tensors (or their gradients) -> HF tensors, vocabulary padding trimmed."""
-    from checkpoint_convert.mapping import expand
+    from checkpoint_convert.mapping import expand, group_to_hf, hf_groups
 
     hf = {}
-    for entry in expand(family, cfg):
-        outputs = entry.rule.to_hf(full[entry.megatron], cfg)
-        for name, tensor in zip(entry.hf, outputs, strict=True):
+    for group in hf_groups(expand(family, cfg)):
+        entry = group[0]
+        for name, tensor in zip(entry.hf, group_to_hf(group, cfg, full), strict=True):
             hf[name] = tensor[: cfg.vocab_size] if entry.rule.pads_vocab else tensor
     return hf
 
@@ -109,10 +109,11 @@ def _hub_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _perturb_ones(model, generator: torch.Generator) -> None:
-    """Norm weights start at 1; randomise them so a swapped or dropped norm cannot hide."""
+    """Norm weights start at 1 and biases at 0 (GPT-OSS's stacked expert biases `*_bias` too);
+    randomise them so a swapped or dropped norm or bias cannot hide."""
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
+        for name, param in model.named_parameters():
+            if param.dim() == 1 or name.endswith("_bias"):
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
 
 

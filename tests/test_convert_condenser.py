@@ -63,6 +63,9 @@ def with_routing(src_ckpt, dst, method: Method, seed: int):
     ("qwen3_moe", "condenser", "reference", [0, 5]),
     ("qwen3_moe", "bias", "reference", []),  # bias phase: biased weights, no condensers
     ("mixtral", "condenser", "paper", [2]),
+    # softmax_topk with a router bias: softmax over the k selected (unbiased) logits
+    ("gpt_oss", "condenser", "paper", [3]),
+    ("gpt_oss", "condenser", "reference", [0, 5]),  # softmax over the k + r biased slot logits
 ])
 def test_exported_condenser_routing_matches_megatron(tmp_path, capsys, family, name, mode, ids):
     hf_dir = make_tiny_hf(family, tmp_path / "hf")

@@ -251,6 +251,25 @@ def test_reference_placeholder_has_zero_weight_and_no_gradient():
     assert bool((grad == 0).all())
 
 
+def test_softmax_topk_weights_in_both_condenser_modes():
+    """GPT-OSS routing with a bias, by hand: paper mode softmaxes the UNBIASED logits of its k
+    slots (J first picked); reference mode softmaxes the BIASED logits of its k + r slots, a
+    condenser picked twice counted twice in the denominator and its two weights summed."""
+    s = torch.tensor([[3.0, 1.0, 2.5, 0.0, -1.0, 0.5]], requires_grad=True)
+    b = torch.tensor([0.0, 0.0, 0.0, 3.5, 0.0, 0.0])
+    z = (s + b).detach()[0].double()
+    paper = RoutingConfig(6, 2, score_function="softmax_topk", condenser_mode="paper")
+    probs, _ = route(s, paper, b, [4])  # J = {4}; dynamic top-1 of key s + b: expert 3
+    ref = torch.softmax(s.detach()[0, [3, 4]].double(), dim=0)
+    torch.testing.assert_close(probs[0, [3, 4]].double(), ref, atol=1e-7, rtol=1e-6)
+    reference = RoutingConfig(6, 2, score_function="softmax_topk", condenser_mode="reference")
+    probs, routing_map = route(s, reference, b, [0, 4])  # top-2 of key: {0, 3} ++ J [0, 4]
+    denominator = 2 * z[0].exp() + z[3].exp() + z[4].exp()
+    torch.testing.assert_close(probs[0, 0].double(), 2 * z[0].exp() / denominator)
+    torch.testing.assert_close(probs[0, 3].double(), z[3].exp() / denominator)
+    assert routing_map[0].sum().item() == 4 and probs[0].sum().item() == pytest.approx(1.0)
+
+
 def test_route_casts_low_precision_logits_to_fp32():
     cfg, condensers = make_config("softmax", "paper")
     probs, _ = route(make_logits().detach().bfloat16(), cfg, make_bias(), condensers)

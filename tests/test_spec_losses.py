@@ -167,6 +167,19 @@ def test_trainer_path_equals_naive_loop(one_rank):
     assert_all_close_scaled(got, want, FP32_ORACLE, "spec-loss gradient")
 
 
+@pytest.mark.parametrize("name", ["bias", "densemixer"])
+def test_other_methods_take_the_variance(one_rank, name):
+    """The add-on is the base class's: a method with its own router (DenseMixer) records too."""
+    method = make_method(name, spec_losses={"variance": 1.0})
+    model, tcfg = build_tiny(ParallelConfig(), method=method)
+    ddp = wrap_ddp(model, tcfg)
+    ddp.zero_grad_buffer()
+    forward_backward(ddp, [_aux_only(tiny_batch(seed=6))], method)
+    method.after_optimizer_step(model)
+    assert method.metrics(model)["spec/variance"] < 0
+    assert all(r.weight.main_grad.abs().max() > 0 for r in state.ec_routers(model))
+
+
 def test_unweighted_experts_keep_outputs_and_keys(one_rank):
     """The orthogonality experts return what Megatron-Core's return; same state-dict keys."""
     plain, _ = build_tiny(ParallelConfig(), method=make_method("sft"))

@@ -29,6 +29,15 @@ CONFIGS = {
                       intermediate_size=96, mlp_only_layers=[0], norm_topk_prob=True),
     "mixtral": dict(num_hidden_layers=2, num_local_experts=6, intermediate_size=32,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # sliding + full layers, sinks, biases everywhere; YaRN as the hub configures it (factor
+    # smaller, so positions past original_max_position_embeddings=8 stay well conditioned)
+    "gpt_oss": dict(num_hidden_layers=2, num_local_experts=6, intermediate_size=32, head_dim=24,
+                    max_position_embeddings=32,
+                    sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                    swiglu_limit=1.5, rope_parameters={
+                        "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                        "original_max_position_embeddings": 8}),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +58,9 @@ def _std(name: str, tensor: torch.Tensor) -> tuple[float, float]:
     fan_in = tensor.shape[-1]
     if name.endswith("embed_tokens.weight"):
         return 0.0, 1.0
-    scale = 3.0 if ".gate.weight" in name else 1.0
+    scale = 3.0 if ".gate.weight" in name or ".router.weight" in name else 1.0
+    if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+        fan_in = tensor.shape[-2]  # GPT-OSS stores experts [E, in, out]
     return 0.0, scale / fan_in**0.5
 
 
@@ -79,7 +90,7 @@ def make_tiny_hf(family: str, out_dir: str | Path, *, seed: int = 0, dtype: str 
     """Write a tiny random HF model of `family` to `out_dir` (config, weights, tokenizer).
 
     Args:
-        family: HF model_type ("qwen2_moe", "qwen3_moe", "mixtral").
+        family: HF model_type ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss").
         out_dir: output directory (created).
         seed: seeds the weights.
         dtype: "fp32", "bf16" or "fp16" on disk.

@@ -10,8 +10,10 @@
   `k_channels`/`v_channels` to a core attention that the local `DotProductAttention` does not
   accept; and with a column-parallel kv down-projection the shared rope key's gradient is not
   summed over TP (details in `LocalMLASelfAttention`).
-- Spec editors (`use_local_mla`, `with_latent_norm_eps`, `with_full_width_qk_norm`) that put them
-  into a decoder block spec.
+- `SinkDotProductAttention`: the local `DotProductAttention` whose learnable softmax offset
+  (GPT-OSS attention sinks, one logit per head) is marked as split over TP by heads.
+- Spec editors (`use_local_mla`, `with_latent_norm_eps`, `with_full_width_qk_norm`,
+  `with_sharded_sinks`) that put them into a decoder block spec.
 
 Shapes: `sq` query length, `b` batch, `n` heads on this rank, `d` head width.
 """
@@ -122,6 +124,23 @@ class MLACoreAttention(DotProductAttention):
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
 
+class SinkDotProductAttention(DotProductAttention):
+    """Local `DotProductAttention` with attention sinks marked as a TP-sharded parameter.
+
+    With `softmax_type="learnable"` MCore 0.19.2 holds `softmax_offset [heads / TP]` (this rank's
+    heads) and shards it by heads in `sharded_state_dict`, but leaves the parameter unmarked, so
+    `megatron_ec.models.layout` would treat it as replicated. Marking it (partition dim 0) makes
+    the layout gather/scatter and the converter's TP slicing cut it like the q heads.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.softmax_offset, torch.nn.Parameter):
+            self.softmax_offset.tensor_model_parallel = True
+            self.softmax_offset.partition_dim = 0
+            self.softmax_offset.partition_stride = 1
+
+
 class LocalMLASelfAttention(MLASelfAttention):
     """`MLASelfAttention` for the local backend: explicit norms, and a correct rope-key gradient.
 
@@ -225,5 +244,17 @@ def with_full_width_qk_norm(block_spec, num_heads: int, num_kv_heads: int):
             q_layernorm=functools.partial(FullWidthRMSNorm, num_heads=num_heads),
             k_layernorm=functools.partial(FullWidthRMSNorm, num_heads=num_kv_heads),
         )
+
+    return map_attention(block_spec, edit)
+
+
+def with_sharded_sinks(block_spec):
+    """Local core attention -> `SinkDotProductAttention` (Transformer Engine specs unchanged:
+    TE's attention owns its softmax offset, not exercised on this CPU-only project)."""
+
+    def edit(spec):
+        if spec.submodules.core_attention is not DotProductAttention:
+            return spec
+        return _replace_submodules(spec, core_attention=SinkDotProductAttention)
 
     return map_attention(block_spec, edit)

@@ -8,6 +8,7 @@ chosen once: Transformer Engine layers when TE and CUDA are present, Megatron-Co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -84,6 +85,49 @@ def _mla_fields(model: MoEModelConfig) -> dict:
     return fields
 
 
+def clamped_swiglu_gate(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPT-OSS's gate activation `x * sigmoid(alpha * x)` (MCore's unfused `glu()` clamps first
+    and multiplies by `up + glu_linear_offset`)."""
+    return x * torch.sigmoid(x * alpha)
+
+
+def _gpt_oss_fields(model: MoEModelConfig) -> dict:
+    """Attention sinks, sliding-window layers and the clamped SwiGLU (GPT-OSS); {} when the model
+    has none of them, so the other families' TransformerConfig is unchanged."""
+    fields = {}
+    if model.attention_sinks:
+        fields["softmax_type"] = "learnable"
+    if model.sliding_layers:
+        # HF lets query i see keys j with i - W < j <= i; MCore's window (left, right) counts
+        # the keys besides i itself
+        fields.update(window_size=(model.sliding_window - 1, 0),
+                      window_attn_skip_freq=[int(i in model.sliding_layers)
+                                             for i in range(model.num_layers)])
+    if model.clamped_swiglu is not None:
+        swiglu = model.clamped_swiglu
+        fields.update(activation_func=functools.partial(clamped_swiglu_gate, alpha=swiglu.alpha),
+                      glu_linear_offset=1.0, activation_func_clamp_value=swiglu.limit)
+    return fields
+
+
+def _set_yarn_attributes(tcfg, scaling) -> None:
+    """Non-MLA YaRN: MCore's GPTModel reads these as plain attributes of the config object
+    (`models/gpt/gpt_model.py`, position_embedding_type="yarn"), not as dataclass fields."""
+    tcfg.yarn_rotary_scaling_factor = scaling.factor
+    tcfg.yarn_original_max_position_embeddings = scaling.original_max_position_embeddings
+    tcfg.yarn_beta_fast = scaling.beta_fast
+    tcfg.yarn_beta_slow = scaling.beta_slow
+    tcfg.yarn_mscale = scaling.mscale
+    tcfg.yarn_mscale_all_dim = scaling.mscale_all_dim
+    tcfg.yarn_correction_range_round_to_int = scaling.truncate
+
+
+def _position_embedding_type(model: MoEModelConfig) -> str:
+    if model.mla is not None:
+        return "none"  # MLA applies its own rotary embedding
+    return "yarn" if model.rope_scaling is not None else "rope"
+
+
 def transformer_config(model: MoEModelConfig, parallel: ParallelConfig,
                        runtime: RuntimeOptions = RuntimeOptions()):
     """Map our configs onto Megatron-Core's `TransformerConfig` (or `MLATransformerConfig`)."""
@@ -102,8 +146,8 @@ def transformer_config(model: MoEModelConfig, parallel: ParallelConfig,
         ffn_hidden_size=model.ffn_hidden_size or model.moe_ffn_hidden_size,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_eps,
-        add_bias_linear=False,
-        add_qkv_bias=model.qkv_bias,
+        add_bias_linear=model.linear_bias,
+        add_qkv_bias=model.qkv_bias or model.linear_bias,
         gated_linear_unit=True,
         activation_func=F.silu,
         qk_layernorm=model.qk_norm != "none",
@@ -136,12 +180,16 @@ def transformer_config(model: MoEModelConfig, parallel: ParallelConfig,
         bf16=bf16,
         **_recompute_fields(runtime.recompute),
     )
+    fields.update(_gpt_oss_fields(model))
     if runtime.precision == "fp8":
         fields.update(fp8="e4m3", fp8_recipe="blockwise")
     if model.mla is not None:
         fields.update(_mla_fields(model))
         return MLATransformerConfig(**fields)
-    return TransformerConfig(**fields)
+    tcfg = TransformerConfig(**fields)
+    if model.rope_scaling is not None:
+        _set_yarn_attributes(tcfg, model.rope_scaling)
+    return tcfg
 
 
 def _swap_norms(submodules, norm_cls) -> None:
@@ -228,6 +276,6 @@ def build_gpt_model(model: MoEModelConfig, tcfg, block_spec):
         post_process=True,
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="none" if model.mla is not None else "rope",
+        position_embedding_type=_position_embedding_type(model),
         rotary_base=int(model.rope_theta),
     )

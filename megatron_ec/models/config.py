@@ -32,7 +32,7 @@ class MLAConfig:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN rotary scaling as DeepSeek configures it (`rope_scaling.type == "yarn"`)."""
+    """YaRN rotary scaling (`rope_type == "yarn"`), as DeepSeek (MLA) and GPT-OSS configure it."""
 
     factor: float
     original_max_position_embeddings: int
@@ -40,6 +40,18 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    truncate: bool = True
+    """Round the correction range to integers (HF `truncate`, default True; GPT-OSS: False).
+    Read only on the non-MLA path (MCore's `yarn_correction_range_round_to_int`)."""
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation on [gate, up]: `g = min(gate, limit)`, `u = clamp(up, ±limit)`,
+    out = `g * sigmoid(alpha * g) * (u + 1)` (HF `swiglu_limit`, `swiglu_alpha`)."""
+
+    limit: float = 7.0
+    alpha: float = 1.702
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,18 @@ class MoEModelConfig:
     max_position_embeddings: int = 4096
     qkv_bias: bool = False
     """Bias on the query/key/value projections (Qwen2-MoE)."""
+    linear_bias: bool = False
+    """Bias on EVERY linear layer: q/k/v, output projection, router and expert fc1/fc2 (GPT-OSS;
+    MCore `add_bias_linear`). Expert fc2 biases are weighted by the routing weight, as in HF."""
+    attention_sinks: bool = False
+    """A learned per-head logit joins each softmax and is dropped after it (GPT-OSS `sinks`;
+    MCore `softmax_type="learnable"`)."""
+    sliding_window: int | None = None
+    """Keys a query sees in a sliding-window layer, itself included (HF `sliding_window`)."""
+    sliding_layers: tuple[int, ...] = ()
+    """Layers that use `sliding_window`; the others attend over the full context."""
+    clamped_swiglu: ClampedSwiGLU | None = None
+    """GPT-OSS's clamped SwiGLU experts; None = plain SwiGLU (silu(gate) * up)."""
     qk_norm: str = "none"
     """"none", "per_head" (Qwen3-MoE: RMSNorm over each head) or "full" (OLMoE: over the whole
     projection width)."""
@@ -113,6 +137,10 @@ class MoEModelConfig:
              "dense_layers needs ffn_hidden_size"),
             (all(0 <= i < self.num_layers for i in self.dense_layers),
              "dense_layers must be layer indices in [0, num_layers)"),
+            (all(0 <= i < self.num_layers for i in self.sliding_layers),
+             "sliding_layers must be layer indices in [0, num_layers)"),
+            (not self.sliding_layers or (self.sliding_window or 0) >= 1,
+             "sliding_layers needs sliding_window >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -158,5 +186,8 @@ class MoEModelConfig:
             data["mla"] = MLAConfig(**data["mla"])
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if data.get("clamped_swiglu"):
+            data["clamped_swiglu"] = ClampedSwiGLU(**data["clamped_swiglu"])
         data["dense_layers"] = tuple(data.get("dense_layers", ()))
+        data["sliding_layers"] = tuple(data.get("sliding_layers", ()))
         return cls(**data)

@@ -14,6 +14,9 @@ A family file (`megatron_ec/models/<model_type>.py`) is data first:
   `rules`, i.e. the per-expert layout of the hub checkpoints;
 - `attention_hook(model_cfg)`: an optional quirk that edits the Megatron block spec (OLMoE's
   full-width QK-norm), or None;
+- `mxfp4_tensors`: HF name patterns that a checkpoint may store MXFP4-quantised as
+  `<name>_blocks` + `<name>_scales` (GPT-OSS experts); import dequantises them, export writes
+  the plain tensor;
 - `hf_gate`: the `GateAdapter` that finds and swaps the router of the family's HF MoE blocks, so
   an exported model routes like the trained one (`megatron_ec.models.hf_restore`).
 
@@ -24,6 +27,11 @@ slice: every HF tensor of a rule is cut into equal pieces along the Megatron par
 dim and `to_megatron` gets the pieces, so it must commute with that cut (identity, per-head QKV
 fusion and [gate; up] do; derive head counts from tensor sizes, not from the config). A rule whose
 transform does not commute sets `shardable=False` and gets whole tensors.
+
+A rule with `stacked_experts=True` maps one expert's Megatron tensor to HF tensors that hold EVERY
+expert of the layer on dim 0 (GPT-OSS's `mlp.experts.gate_up_proj [E, H, 2I]`): its HF patterns
+have {layer} but no {expert}; the converter hands `to_megatron` expert e's slices `hf[e]` (whole,
+never TP-cut) and stacks the E results of `to_hf` on export, so both transforms stay per expert.
 """
 
 from __future__ import annotations
@@ -68,10 +76,16 @@ class Rule:
     import and trimmed on export (embeddings, output layer)."""
     shardable: bool = True
     """`to_megatron` commutes with cutting the HF tensors along the TP partition dim (see above)."""
+    stacked_experts: bool = False
+    """The HF tensors hold all experts of the layer on dim 0 (see above); implies whole reads."""
 
     def __post_init__(self) -> None:
         if self.layers not in ("all", "moe", "dense"):
             raise ValueError(f"Rule {self.megatron}: layers={self.layers!r}; use all, moe or dense")
+        if self.stacked_experts and ("{expert}" not in self.megatron
+                                     or any("{expert}" in name for name in self.hf)):
+            raise ValueError(f"Rule {self.megatron}: stacked_experts needs {{expert}} in the "
+                             "Megatron pattern and not in the HF patterns")
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,8 @@ class Family(ABC):
     hf_aliases: ClassVar[dict[str, str]] = {}
     """Other on-disk name pattern -> canonical HF name pattern (placeholders {layer}, {expert})."""
     fused_experts: ClassVar[tuple[FusedExperts, ...]] = ()
+    mxfp4_tensors: ClassVar[tuple[str, ...]] = ()
+    """HF name patterns (with {layer}) that may be stored as MXFP4 `_blocks`/`_scales` pairs."""
     hf_gate: ClassVar[GateAdapter | None] = None
     """The HF MoE block's router, swapped by `restore_condenser_routing`; None = not supported."""
 

@@ -1,8 +1,8 @@
 """The HF side of a family: how to find and swap the router of its MoE blocks (no Megatron-Core).
 
-In transformers 5.23 every supported family's MoE block calls `self.gate(hidden) ->
-(router_logits, weights [T, K], expert ids [T, K])` and hands the last two to its experts
-module, which accepts any K; `GateAdapter` swaps that gate for a `RestoredGate`, which selects
+In transformers 5.23 every supported family's MoE block calls its router (`self.gate`; GPT-OSS:
+`self.router`, which also has a linear bias) `(hidden) -> (router_logits, weights [T, K], expert
+ids [T, K])` and hands the last two to its experts module, which accepts any K; `GateAdapter` swaps that gate for a `RestoredGate`, which selects
 with `megatron_ec.moe.routing.route()` exactly as `ECRouter` does in Megatron. In reference mode a
 token gets k + r slots and the HF experts compute all of them. Each family names its adapter
 (`Family.hf_gate`); `megatron_ec.models.hf_restore` installs it.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
-from megatron_ec.moe.routing import RoutingConfig, route
+from megatron_ec.moe.routing import RoutingConfig, num_slots, route, validate_condensers
 
 
 class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
@@ -30,24 +30,32 @@ class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
 
     def __init__(self, weight: torch.nn.Parameter, routing_cfg: RoutingConfig,
                  bias_E: torch.Tensor | None, condensers: list[int] | None,
-                 fp32_weights: bool) -> None:
+                 fp32_weights: bool, linear_bias: torch.nn.Parameter | None = None) -> None:
         super().__init__()
         self.weight = weight
+        self.bias = linear_bias
+        """The router's own (trained) linear bias (GPT-OSS), not the selection bias."""
         self.routing_cfg = routing_cfg
         self.fp32_weights = fp32_weights
         self.register_buffer("selection_bias", bias_E, persistent=False)
-        ids = torch.tensor(condensers or [], dtype=torch.long)
+        # Validated once, here on the host; the forward reads no values.
+        ids = validate_condensers(list(condensers or []), routing_cfg.num_experts, weight.device)
+        self.slots = num_slots(routing_cfg, ids.numel())
         self.register_buffer("condenser_ids", ids, persistent=False)
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_TH = hidden_states.reshape(-1, self.weight.shape[1])
         # Megatron's router computes the logits in fp32 (moe_router_dtype="fp32").
-        logits_TE = F.linear(hidden_TH.float(), self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        logits_TE = F.linear(hidden_TH.float(), self.weight.float(), bias)
         condensers = self.condenser_ids if self.condenser_ids.numel() else None
         probs_TE, routing_map_TE = route(logits_TE, self.routing_cfg, self.selection_bias,
                                          condensers)
-        num_tokens = routing_map_TE.shape[0]
-        ids_TK = routing_map_TE.nonzero()[:, 1].view(num_tokens, -1)
+        # The selected ids in ascending order, as `nonzero()` listed them, without its host
+        # read: a stable descending sort puts each row's True entries first, in id order.
+        order_TE = torch.sort(routing_map_TE.to(torch.uint8), dim=1, descending=True,
+                              stable=True).indices
+        ids_TK = order_TE[:, :self.slots]
         weights_TK = probs_TE.gather(1, ids_TK)
         if not self.fp32_weights:
             weights_TK = weights_TK.to(hidden_states.dtype)
@@ -73,6 +81,7 @@ class GateAdapter:
 
     def install(self, block: torch.nn.Module, routing_cfg: RoutingConfig,
                 bias_E: torch.Tensor | None, condensers: list[int] | None) -> None:
-        weight = getattr(block, self.gate_attr).weight
-        gate = RestoredGate(weight, routing_cfg, bias_E, condensers, self.fp32_weights)
+        router = getattr(block, self.gate_attr)
+        gate = RestoredGate(router.weight, routing_cfg, bias_E, condensers, self.fp32_weights,
+                            getattr(router, "bias", None))
         setattr(block, self.gate_attr, gate)

@@ -29,20 +29,14 @@ Per family (the `densemixer` 1.0.1 package, MIT, is the test oracle; its three p
                        (the same order as on the logits) and sums the sparse output in expert-id
                        order (fp rounding only).
 
-Under expert parallelism (how the later Megatron-Core wiring through the experts seam computes the
-dense term; nothing here needs it): the ordinary router -> dispatcher -> experts -> combine path
-stays and yields y_sparse on each token's owner rank. The dense term needs every expert on every
-token: all-gather the hidden states [T, H], the scores p~ [T, E] and the routing map over the EP
-group; each rank runs its E / EP local experts on all T_ep tokens of the group, forms the partial
-sum sum_{e local} p~_e Ê_e(h) [T_ep, H], and a reduce-scatter returns the full sum to the token
-owners (H numbers per token, not E x H). y = `straight_through(y_sparse, y_dense)` is then taken
-after the combine's unpermute. Cost: E / k times the routed experts' forward FLOPs (15x Qwen1.5,
-8x OLMoE, 16x Qwen3-30B) and, if every dense output keeps its graph, E / k times their activation
-memory and backward FLOPs. Because Ê_e's gradient is zero off the selection, the unselected
-outputs can be computed under `torch.no_grad()` and the selected ones taken from the ordinary
-routed computation (`outputs = where(selected, routed, dense.detach())`): the router gradient
-needs only the output values, so memory and backward then stay at the sparse cost plus the
-[E, T, H] outputs.
+In the model (`megatron_ec/moe/methods/densemixer.py` has the wiring through Megatron-Core's
+router and experts seams, TP and EP included): the ordinary router -> dispatcher -> experts ->
+combine path yields y_sparse with SFT's gradients, so only the difference is added, the router
+term of the unselected experts sum_{e not in TopK} p~_e stopgrad(E_e(h)) as a zero-valued
+straight-through on the expert rows; E_e(h) then runs under `torch.no_grad()` (its gradient is
+zero off the selection). Cost: E / k times the routed experts' forward FLOPs (15x Qwen1.5, 8x
+OLMoE, 16x Qwen3-30B) and the [E, T, H] outputs kept for the router's backward; no extra expert
+backward. `densemixer_combine` below is the whole construct on one process (the oracle tests).
 
 Shape-suffix legend:
     _T   one entry per token;  _E  one per routed expert;  _H  hidden size

@@ -47,11 +47,13 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
 
     State besides `TopKRouter`'s: `selection_bias` (persistent), the step's accumulators
     `usage_accum` and `gate_accum`, the statistics of the last finished step `last_usage` and
-    `last_gate` (mean condenser gate weight), `condenser_ids`, and `spec_record` (the
-    specialisation losses' inputs of the last training micro-batch, when `record_scores`).
+    `last_gate` (mean condenser gate weight, a 0-d tensor), `condenser_ids` (validated once,
+    in `set_condensers`: the forward reads no values, see docs/DESIGN.md "GPU discipline"), and
+    `spec_record` (the specialisation losses' inputs of the last training micro-batch, when
+    `record_scores`).
     """
 
-    fp32_buffers = ("selection_bias", "usage_accum", "gate_accum", "last_usage")
+    fp32_buffers = ("selection_bias", "usage_accum", "gate_accum", "last_usage", "last_gate")
     """Stay fp32 whatever the model is cast to; device moves still apply."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
@@ -64,15 +66,20 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         self.routing_cfg = routing_cfg
         self.policy = policy
         self.slots = slots
-        self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
-        self.register_buffer("usage_accum", torch.zeros(num_experts, dtype=torch.float32),
+        device, fp32 = self.weight.device, torch.float32  # where the router's weight lives
+        self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=fp32, device=device))
+        self.register_buffer("usage_accum", torch.zeros(num_experts, dtype=fp32, device=device),
                              persistent=False)
         # [sum of condenser gate weights, number of (token, condenser) pairs] of the step
-        self.register_buffer("gate_accum", torch.zeros(2, dtype=torch.float32), persistent=False)
-        self.register_buffer("last_usage", torch.zeros(num_experts, dtype=torch.float32),
+        self.register_buffer("gate_accum", torch.zeros(2, dtype=fp32, device=device),
                              persistent=False)
-        self.last_gate = float("nan")
-        self.register_buffer("condenser_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("last_usage", torch.zeros(num_experts, dtype=fp32, device=device),
+                             persistent=False)
+        # mean condenser gate weight of the last step (nan: none), read by the metrics
+        self.register_buffer("last_gate", torch.full((), float("nan"), dtype=fp32, device=device),
+                             persistent=False)
+        self.register_buffer("condenser_ids", torch.empty(0, dtype=torch.long, device=device),
+                             persistent=False)
         self.record_scores = record_scores
         """Keep `spec_record` in training forwards (the specialisation losses, `moe.spec_losses`)."""
         self.spec_record: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -86,9 +93,12 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
 
     def set_condensers(self, ids) -> None:
         """Fix this layer's forced condensers (an empty list disables them)."""
-        ids = validate_condensers(ids, self.config.num_moe_experts, self.selection_bias.device)
+        # The one value check of J: on the host, here, never in the forward.
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu()
+        ids = validate_condensers(ids, self.config.num_moe_experts)
         num_slots(self.routing_cfg, ids.numel())  # raises if r does not fit the mode
-        self.condenser_ids = ids
+        self.condenser_ids = ids.to(self.selection_bias.device)
 
     def _active_condensers(self) -> torch.Tensor | None:
         return self.condenser_ids if self.condenser_ids.numel() else None
@@ -124,10 +134,15 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
             signal=self.policy.usage_signal, condensers=condensers,
         )
         if condensers is not None:
-            gates_TR = probs_TE[:, condensers]
-            if real_T is not None:
-                gates_TR = gates_TR[real_T]
-            self.gate_accum += torch.stack([gates_TR.sum(), torch.tensor(float(gates_TR.numel()))])
+            # Device-side: the padding mask selects by `where` (no data-dependent shape), the
+            # count is a device tensor (no host read, no CPU literal).
+            gates_TR = probs_TE.index_select(1, condensers)
+            if real_T is None:
+                count = gates_TR.new_full((), float(gates_TR.numel()))
+            else:
+                gates_TR = torch.where(real_T.unsqueeze(1), gates_TR, 0.0)
+                count = real_T.sum(dtype=gates_TR.dtype) * gates_TR.shape[1]
+            self.gate_accum += torch.stack([gates_TR.sum(), count])
 
     def take_spec_record(self):
         """`spec_record` of the micro-batch just forwarded, cleared (None when there is none)."""
@@ -148,12 +163,11 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         usage_E = stats[: self.usage_accum.numel()]
         gate_sum, gate_count = stats[-2], stats[-1]
         update = self.policy.bias_update
-        if update is not None and usage_E.sum() > 0:
-            self.selection_bias.copy_(
-                update_bias(self.selection_bias, usage_E, update.gamma, update.direction)
-            )
+        if update is not None:  # a step without usage (no training forward) keeps the bias
+            moved_E = update_bias(self.selection_bias, usage_E, update.gamma, update.direction)
+            self.selection_bias.copy_(torch.where(usage_E.sum() > 0, moved_E, self.selection_bias))
         self.last_usage.copy_(usage_E)
-        self.last_gate = (gate_sum / gate_count).item() if gate_count > 0 else float("nan")
+        self.last_gate.copy_(torch.where(gate_count > 0, gate_sum / gate_count, float("nan")))
         self.usage_accum.zero_()
         self.gate_accum.zero_()
 
@@ -174,6 +188,7 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
 def _route_padded(logits_TE, cfg: RoutingConfig, bias_E, condensers, slots: int):
     """`route()`, then zero-weight placeholders up to `slots` (layers with r below the max)."""
     probs_TE, routing_map_TE = route(logits_TE, cfg, bias_E, condensers)
-    if int(routing_map_TE[0].sum()) < slots:
+    # From the config, not the map's values: route() gives num_slots(cfg, r) per token.
+    if num_slots(cfg, 0 if condensers is None else condensers.numel()) < slots:
         routing_map_TE = add_placeholders(routing_map_TE, slots)
     return probs_TE, routing_map_TE

@@ -24,6 +24,7 @@ Vocabulary (Megatron-Core's, plus the condenser terms):
                  reference mode, so the dispatcher still sees k + r distinct experts per token.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -33,6 +34,19 @@ Condensers = Optional[Union[torch.Tensor, Sequence[int]]]
 
 # Guards 0/0 when every selected probability underflows; far below fp32 resolution of real sums.
 _NORM_EPS = 1e-20
+
+DEBUG_ENV = "MEGATRON_EC_DEBUG_ROUTING"
+"""Set to 1 to read values in the forward on any device (condenser ids, slot counts)."""
+
+
+def _reads_values(tensor: torch.Tensor) -> bool:
+    """Value checks run where reading is free (host tensors) or under `MEGATRON_EC_DEBUG_ROUTING=1`.
+
+    On an accelerator a value read (`.tolist()`, `bool()`, `.item()`) stalls the launch queue and
+    rules out CUDA graphs, so device-resident inputs are trusted: the router validates its
+    condensers once, when they are set (`ECRouter.set_condensers`).
+    """
+    return tensor.device.type == "cpu" or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -270,8 +284,9 @@ def _as_bias(bias_E: Optional[torch.Tensor], logits_TE: torch.Tensor) -> torch.T
 def validate_condensers(condensers: Condensers, num_experts: int, device=None) -> torch.Tensor:
     """Returns the condensers as a 1-D LongTensor after checking they are distinct valid ids.
 
-    Reads the values, so on an accelerator it synchronises; a router may validate once, when J is
-    fixed.
+    Ids given as ints or a host tensor are checked; ids already on an accelerator (or `meta`) are
+    only checked for shape unless `MEGATRON_EC_DEBUG_ROUTING=1`, since reading them
+    would synchronise: validate them once, when they are set (`ECRouter.set_condensers`).
 
     Args:
         condensers: expert ids, LongTensor [r] or a sequence of ints; None or empty = none.
@@ -286,18 +301,22 @@ def validate_condensers(condensers: Condensers, num_experts: int, device=None) -
     """
     if condensers is None:
         return torch.zeros(0, dtype=torch.long, device=device)
-    condensers_R = torch.as_tensor(condensers, dtype=torch.long, device=device)
+    host = not isinstance(condensers, torch.Tensor) or _reads_values(condensers)
+    # Host ids are checked where they are, then moved; device ids are not read.
+    condensers_R = torch.as_tensor(condensers, dtype=torch.long,
+                                   device=None if host else device)
     if condensers_R.dim() != 1:
         raise ValueError(
             f"condensers must be 1-D expert ids, got shape {tuple(condensers_R.shape)}."
         )
-    ids = condensers_R.tolist()
-    if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
-        raise ValueError(
-            f"condensers must be distinct expert ids in [0, {num_experts}), got {ids}; "
-            "pick them with select_condensers(bias, r)."
-        )
-    return condensers_R
+    if host:
+        ids = condensers_R.tolist()
+        if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"condensers must be distinct expert ids in [0, {num_experts}), got {ids}; "
+                "pick them with select_condensers(bias, r)."
+            )
+    return condensers_R if device is None else condensers_R.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +414,8 @@ def route(
     routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, slots_TK, True)
     if not mode.dynamic_excludes_condensers:
         routing_map_TE = add_placeholders(routing_map_TE, count)
-    assert bool((routing_map_TE.sum(dim=-1) == count).all()), "routing_map row sum != num_slots"
+    if _reads_values(routing_map_TE):  # the dispatcher's invariant; a host read on a device
+        assert bool((routing_map_TE.sum(dim=-1) == count).all()), "routing_map row sum != num_slots"
     return probs_TE, routing_map_TE
 
 
@@ -566,6 +586,6 @@ def gini(values_E: torch.Tensor) -> float:
     num_values, total = values.numel(), values.sum()
     if num_values == 0 or total == 0:
         return 0.0
-    ranks = torch.arange(1, num_values + 1, dtype=torch.float64)
+    ranks = torch.arange(1, num_values + 1, dtype=torch.float64, device=values.device)
     weighted = (ranks * torch.sort(values).values).sum()
     return float(2 * weighted / (num_values * total) - (num_values + 1) / num_values)

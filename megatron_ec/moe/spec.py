@@ -13,7 +13,8 @@ import functools
 from typing import Callable
 
 
-def _is_moe_mlp(mlp) -> bool:
+def is_moe_mlp(mlp) -> bool:
+    """An MoE layer's MLP entry of a layer spec (`functools.partial(MoELayer, ...)`)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     return isinstance(mlp, functools.partial) and mlp.func is MoELayer
@@ -40,7 +41,7 @@ def inject_moe_submodules(block_spec, router: Callable | None = None,
     num_moe = 0
     for layer_spec in block_spec.layer_specs:
         mlp = layer_spec.submodules.mlp
-        if _is_moe_mlp(mlp):
+        if is_moe_mlp(mlp):
             num_moe += 1
             submodules = dataclasses.replace(mlp.keywords["submodules"], **changes)
             if wrap_experts is not None:

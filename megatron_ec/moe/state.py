@@ -63,17 +63,33 @@ def load_selection_biases(model: torch.nn.Module, biases: dict[int, torch.Tensor
 
 
 def routing_metrics(model: torch.nn.Module) -> dict[str, object]:
-    """Per-layer observability after `bias_update_step`: bias stats, usage Gini, condensers."""
-    metrics: dict[str, object] = {}
-    for router in ec_routers(model):
-        prefix = f"routing/layer{router.layer_index}"
+    """Per-layer observability after `bias_update_step`: bias stats, usage Gini, condensers.
+
+    Every router's numbers travel to the host in ONE copy (the step's one host read for the
+    routing metrics, off the forward): nothing here synchronises per layer.
+    """
+    routers = ec_routers(model)
+    if not routers:
+        return {}
+    pieces = []
+    for router in routers:
         bias = router.selection_bias
-        metrics[f"{prefix}/bias_mean"] = bias.mean().item()
-        metrics[f"{prefix}/bias_min"] = bias.min().item()
-        metrics[f"{prefix}/bias_max"] = bias.max().item()
-        if router.last_usage.sum() > 0:
-            metrics[f"{prefix}/usage_gini"] = gini(router.last_usage)
-        if router.condenser_ids.numel():
-            metrics[f"{prefix}/condensers"] = router.condenser_ids.tolist()
-            metrics[f"{prefix}/condenser_gate"] = router.last_gate
+        pieces += [torch.stack([bias.mean(), bias.min(), bias.max(), router.last_gate]),
+                   router.last_usage, router.condenser_ids.to(torch.float32)]
+    host = torch.cat(pieces).cpu()
+    metrics: dict[str, object] = {}
+    offset = 0
+    for router in routers:
+        num_experts, r = router.last_usage.numel(), router.condenser_ids.numel()
+        stats, usage = host[offset:offset + 4].tolist(), host[offset + 4:offset + 4 + num_experts]
+        condensers = host[offset + 4 + num_experts:offset + 4 + num_experts + r]
+        offset += 4 + num_experts + r
+        prefix = f"routing/layer{router.layer_index}"
+        metrics[f"{prefix}/bias_mean"], metrics[f"{prefix}/bias_min"] = stats[0], stats[1]
+        metrics[f"{prefix}/bias_max"] = stats[2]
+        if usage.sum() > 0:
+            metrics[f"{prefix}/usage_gini"] = gini(usage)
+        if r:
+            metrics[f"{prefix}/condensers"] = [int(e) for e in condensers.tolist()]
+            metrics[f"{prefix}/condenser_gate"] = stats[3]
     return metrics

@@ -37,6 +37,7 @@ from megatron_ec.models.builder import RuntimeOptions
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.moe.methods import Method, PhaseStart, build_method
 from megatron_ec.moe.methods.saved import load_method
+from megatron_ec.parallel import collective_device
 from megatron_ec.training import checkpoint, validation
 from megatron_ec.training.config import FinetuneConfig
 from megatron_ec.training.distributed import finalize_grads, unwrap, wrap_ddp
@@ -79,6 +80,8 @@ def build_model(start: StartPoint, cfg: FinetuneConfig, method: Method):
                              seq_length=cfg.data.seq_length)
     family = get_family(start.family) if start.family else None
     model, tcfg = assemble_model(start.model_cfg, method, cfg.parallel, runtime, family=family)
+    if torch.cuda.is_available():  # built on the host (use_cpu_initialization): as get_model
+        model.cuda(torch.cuda.current_device())
     if cfg.train.precision != "fp32":
         from megatron.core.transformer.module import Float16Module
 
@@ -86,18 +89,26 @@ def build_model(start: StartPoint, cfg: FinetuneConfig, method: Method):
     return model, tcfg
 
 
-def _dp_sum(values: list[float]) -> list[float]:
+def _dp_sum(values: list[float | torch.Tensor]) -> list[float]:
+    """Sums over the data-parallel group, read back to the host in one copy.
+
+    The tensor lives where the group's backend wants it (CUDA under NCCL, CPU under gloo).
+    """
     from megatron.core import parallel_state as ps
 
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+    group = ps.get_data_parallel_group()
+    device = collective_device(group)
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                          for v in values])
+    dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 
 
 def _set_aux_loss_scale(accumulation: int) -> None:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accumulation))
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accumulation, device=device))
 
 
 def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]],
@@ -115,7 +126,7 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]],
     global_tokens, global_real = _dp_sum([local_tokens, local_real])
     scale = dp_size / max(global_tokens, 1.0)
     _set_aux_loss_scale(len(micro_batches))
-    loss_sum = 0.0
+    loss_sum = None  # on the device of the losses: no host read per micro-batch
     for batch in micro_batches:
         if torch.cuda.is_available():  # the data pipeline yields CPU tensors
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
@@ -127,8 +138,9 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]],
         if extra is not None:
             loss = loss + extra / len(micro_batches)
         loss.backward()
-        loss_sum += float(micro_sum.detach())
-    (global_loss_sum,) = _dp_sum([loss_sum])
+        micro = micro_sum.detach().double()
+        loss_sum = micro if loss_sum is None else loss_sum + micro
+    (global_loss_sum,) = _dp_sum([loss_sum if loss_sum is not None else 0.0])
     return {"loss": global_loss_sum / max(global_tokens, 1.0), "tokens": int(global_tokens),
             "real_tokens": int(global_real)}
 

@@ -34,6 +34,7 @@ from typing import Iterable, Protocol
 import torch
 import torch.distributed as dist
 
+from megatron_ec.parallel import collective_device
 from megatron_ec.training.config import TrainConfig
 
 
@@ -75,16 +76,19 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter],
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     etp_rank = ps.get_expert_tensor_parallel_rank()
-    squares = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
+    dense_group = ps.get_tensor_model_parallel_group()
+    # On the collective's device (the gradients' device under NCCL): no CPU tensor meets CUDA.
+    device = collective_device(dense_group)
+    squares = torch.zeros(2, dtype=torch.float64, device=device)  # [dense, expert]
     for param in params:
         grad = grad_of(param)
         if grad is None or not _is_unique_shard(param, tp_rank, etp_rank):
             continue
-        squares[int(_is_expert(param))] += grad.detach().double().pow(2).sum()
+        squares[int(_is_expert(param))] += grad.detach().double().pow(2).sum().to(device)
     dense, expert = squares[:1].clone(), squares[1:].clone()
-    dist.all_reduce(dense, group=ps.get_tensor_model_parallel_group())
+    dist.all_reduce(dense, group=dense_group)
     dist.all_reduce(expert, group=ps.get_expert_tensor_and_model_parallel_group())
-    return math.sqrt(float(dense.item() + expert.item()))
+    return math.sqrt(float((dense + expert).item()))  # the step's one host read of the norm
 
 
 @torch.no_grad()

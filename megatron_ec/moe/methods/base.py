@@ -51,14 +51,15 @@ class MethodConfig:
     """
 
     name: str = "sft"
-    """The fine-tuning method: sft, bias or condenser (METHODS.md s.1-3); the keys below say
-    which methods use them. ESFT and DenseMixer will join this list."""
+    """The fine-tuning method: sft, bias, condenser or densemixer (METHODS.md s.1-3, 5); the keys
+    below say which methods use them. ESFT will join this list."""
     spec_losses: dict[str, float] = field(default_factory=dict)
     """Expert-specialisation losses added to the task loss, any method (METHODS.md s.6):
     {variance: w_v, orthogonality: w_o}, e.g. {variance: 1.0e-3, orthogonality: 1.0e-4} (the
     paper's weights); {} = off. Each term is a mean over the real tokens of a micro-batch and over
     the MoE layers, added per micro-batch (see `megatron_ec/moe/spec_losses.py`); orthogonality
-    needs TP1 (and the alltoall dispatcher under EP), both need train.recompute=none. Logged as spec/variance, spec/orthogonality."""
+    needs TP1 (and the alltoall dispatcher under EP), both need train.recompute=none. Logged as
+    spec/variance, spec/orthogonality."""
 
     def __post_init__(self) -> None:
         from megatron_ec.moe.methods.registry import method_class

@@ -7,7 +7,7 @@ import importlib
 
 from megatron_ec.moe.methods.base import Decisions, Method, MethodConfig
 
-BUILTIN_METHODS = ("sft", "bias", "condenser")
+BUILTIN_METHODS = ("sft", "bias", "condenser", "densemixer")
 """One entry per file `megatron_ec/moe/methods/<name>.py`; each registers itself on import."""
 
 _METHODS: dict[str, type[Method]] = {}
