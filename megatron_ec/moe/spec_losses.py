@@ -198,37 +198,43 @@ def micro_batch_terms(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
 
 
 class SpecLossMeter:
-    """Per-step metrics `spec/<name>`: mean over micro-batches and data-parallel ranks."""
+    """Per-step metrics `spec/<name>`: mean over micro-batches and data-parallel ranks.
+
+    The sums stay on the terms' device (no host read per micro-batch); `end_step` reads them once.
+    """
 
     def __init__(self, names) -> None:
         self.names = tuple(names)
-        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.sums: torch.Tensor | None = None
         self.count = 0
         self.last: dict[str, float] = {}
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
-        self.sums += torch.tensor([float(terms[n].detach()) for n in self.names],
-                                  dtype=torch.float64)
+        values = torch.stack([terms[n].detach().double() for n in self.names])
+        self.sums = values if self.sums is None else self.sums + values
         self.count += 1
 
     def end_step(self) -> None:
         """Collective over tensor x data parallel ranks; call once per step on every rank."""
-        stats = torch.cat([self.sums, torch.tensor([float(self.count)], dtype=torch.float64)])
+        if self.sums is None:
+            return
+        stats = torch.cat([self.sums, self.sums.new_full((1,), float(self.count))])
         tp = 1
         if dist.is_initialized():
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(stats, group=ps.get_tensor_and_data_parallel_group())
             tp = ps.get_tensor_model_parallel_world_size()
+        values = stats.tolist()
         # each TP rank added its own micro-batch count: the DP x micro-batch count is count / tp;
         # the variance's TP shares sum to the micro-batch value, TP-replicated terms count tp times
-        count = stats[-1].item() / tp
+        count = values[-1] / tp
         self.last = {}
         if count > 0:
             for index, name in enumerate(self.names):
-                value = stats[index].item() / count
+                value = values[index] / count
                 if name != "variance":
                     value /= tp  # replicated on every TP rank (orthogonality: TP1 anyway)
                 self.last[f"spec/{name}"] = value
-        self.sums.zero_()
+        self.sums = None
         self.count = 0
