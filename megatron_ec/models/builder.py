@@ -237,7 +237,8 @@ def local_block_spec(tcfg):
 
 def decoder_block_spec(tcfg, router_builder: Callable | None = None,
                        attention_hook: Callable | None = None,
-                       experts_builder: Callable | None = None):
+                       experts_builder: Callable | None = None,
+                       experts_wrapper: Callable | None = None):
     """The decoder block spec for this machine's backend, with a method's router injected.
 
     Args:
@@ -246,6 +247,7 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
         attention_hook: a family quirk that edits the block spec's attention (e.g. OLMoE's
             full-width QK-norm); called with and returning the block spec.
         experts_builder: a method's `MoESubmodules.experts` builder; None = MCore's experts.
+        experts_wrapper: a method's function of the experts builder (`Method.experts_wrapper`).
     """
     if use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -255,8 +257,9 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
         spec = local_block_spec(tcfg)
     if attention_hook is not None:
         spec = attention_hook(spec)
-    if router_builder is not None or experts_builder is not None:
-        spec = inject_moe_submodules(spec, router=router_builder, experts=experts_builder)
+    if router_builder is not None or experts_builder is not None or experts_wrapper is not None:
+        spec = inject_moe_submodules(spec, router=router_builder, experts=experts_builder,
+                                     wrap_experts=experts_wrapper)
     return spec
 
 

@@ -47,15 +47,18 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
 
     State besides `TopKRouter`'s: `selection_bias` (persistent), the step's accumulators
     `usage_accum` and `gate_accum`, the statistics of the last finished step `last_usage` and
-    `last_gate` (mean condenser gate weight, a 0-d tensor), and `condenser_ids` (validated once,
-    in `set_condensers`: the forward reads no values, see docs/DESIGN.md "GPU discipline").
+    `last_gate` (mean condenser gate weight, a 0-d tensor), `condenser_ids` (validated once,
+    in `set_condensers`: the forward reads no values, see docs/DESIGN.md "GPU discipline"), and
+    `spec_record` (the specialisation losses' inputs of the last training micro-batch, when
+    `record_scores`).
     """
 
     fp32_buffers = ("selection_bias", "usage_accum", "gate_accum", "last_usage", "last_gate")
     """Stay fp32 whatever the model is cast to; device moves still apply."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
-                 routing_cfg: RoutingConfig, policy: RouterPolicy, slots: int) -> None:
+                 routing_cfg: RoutingConfig, policy: RouterPolicy, slots: int,
+                 record_scores: bool = False) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         num_experts = config.num_moe_experts
         if slots != config.moe_router_topk:
@@ -77,6 +80,11 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
                              persistent=False)
         self.register_buffer("condenser_ids", torch.empty(0, dtype=torch.long, device=device),
                              persistent=False)
+        self.record_scores = record_scores
+        """Keep `spec_record` in training forwards (the specialisation losses, `moe.spec_losses`)."""
+        self.spec_record: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(softmax(logits) [T, E] with its graph, real-token mask [T], routing map [T, E]) of the
+        last training forward that built a graph; taken (and cleared) by `take_spec_record`."""
 
     @property
     def layer_index(self) -> int:
@@ -109,6 +117,11 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
             # Only the forward that builds the graph counts: eval and no-grad forwards never do,
             # and under activation recompute exactly one of the two passes has grad enabled.
             self._accumulate(logits_TE.detach(), probs_TE.detach(), padding_T, bias_E, condensers)
+            if self.record_scores:
+                real_T = (torch.ones(logits_TE.shape[0], dtype=torch.bool, device=logits_TE.device)
+                          if padding_T is None else ~padding_T)
+                self.spec_record = (torch.softmax(logits_TE.float(), dim=-1), real_T,
+                                    routing_map_TE.detach())
             if self.is_aux_loss_enabled():
                 probs_TE = self._attach_aux_loss(logits_TE, probs_TE, padding_T, seq_length, batch)
         return probs_TE, routing_map_TE
@@ -130,6 +143,11 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
                 gates_TR = torch.where(real_T.unsqueeze(1), gates_TR, 0.0)
                 count = real_T.sum(dtype=gates_TR.dtype) * gates_TR.shape[1]
             self.gate_accum += torch.stack([gates_TR.sum(), count])
+
+    def take_spec_record(self):
+        """`spec_record` of the micro-batch just forwarded, cleared (None when there is none)."""
+        record, self.spec_record = self.spec_record, None
+        return record
 
     def step_statistics(self) -> torch.Tensor:
         """This rank's accumulators of the step, [E + 2]: usage, condenser gate sum and count."""

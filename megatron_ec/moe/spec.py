@@ -21,7 +21,8 @@ def is_moe_mlp(mlp) -> bool:
 
 
 def inject_moe_submodules(block_spec, router: Callable | None = None,
-                          experts: Callable | None = None):
+                          experts: Callable | None = None,
+                          wrap_experts: Callable | None = None):
     """Return a copy of `block_spec` whose MoE layers build the given router and experts.
 
     Args:
@@ -29,6 +30,8 @@ def inject_moe_submodules(block_spec, router: Callable | None = None,
         router: a callable with TopKRouter's constructor signature, e.g. a class or a
             `functools.partial` binding method-specific arguments; None keeps the spec's.
         experts: an `MoESubmodules.experts` builder; None keeps the spec's (MCore's experts).
+        wrap_experts: a function of the experts builder (after `experts`) returning the one to
+            build, e.g. MCore's experts class with a mixin (the specialisation losses).
 
     Returns:
         A new `TransformerBlockSubmodules`; dense layers and everything else are unchanged.
@@ -41,6 +44,9 @@ def inject_moe_submodules(block_spec, router: Callable | None = None,
         if is_moe_mlp(mlp):
             num_moe += 1
             submodules = dataclasses.replace(mlp.keywords["submodules"], **changes)
+            if wrap_experts is not None:
+                submodules = dataclasses.replace(submodules,
+                                                 experts=wrap_experts(submodules.experts))
             mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": submodules})
             layer_spec = dataclasses.replace(
                 layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp)

@@ -166,7 +166,12 @@ class FinetuneConfig:
     `megatron_ec.moe.methods`), and keys of other methods are errors."""
 
     def __post_init__(self) -> None:
+        from megatron_ec.moe.spec_losses import check_layout
+
         self.method.check_for_training()
+        check_layout(self.method.spec_losses, self.parallel.tensor_model_parallel_size,
+                     self.parallel.expert_model_parallel_size, self.train.recompute,
+                     self.parallel.token_dispatcher)
 
 
 def describe(cfg: Any) -> str:

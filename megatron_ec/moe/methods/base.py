@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -53,9 +53,21 @@ class MethodConfig:
     name: str = "sft"
     """The fine-tuning method: sft, bias, condenser, densemixer or esft (METHODS.md s.1-5); the
     keys below say which methods use them."""
+    spec_losses: dict[str, float] = field(default_factory=dict)
+    """Expert-specialisation losses added to the task loss, any method (METHODS.md s.6):
+    {variance: w_v, orthogonality: w_o}, e.g. {variance: 1.0e-3, orthogonality: 1.0e-4} (the
+    paper's weights); {} = off. Each term is a mean over the real tokens of a micro-batch and over
+    the MoE layers, added per micro-batch (see `megatron_ec/moe/spec_losses.py`); orthogonality
+    needs TP1 (and the alltoall dispatcher under EP), both need train.recompute=none. Logged as
+    spec/variance, spec/orthogonality."""
 
     def __post_init__(self) -> None:
         from megatron_ec.moe.methods.registry import method_class
+        from megatron_ec.moe.spec_losses import check_weights
+
+        check_weights(self.spec_losses)
+        object.__setattr__(self, "spec_losses",
+                           {k: float(v) for k, v in self.spec_losses.items()})
 
         owner = method_class(self.name)  # a ValueError naming the registered methods
         if owner.Config is not type(self):
@@ -153,6 +165,7 @@ class Method:
                             f"got {type(config).__name__}")
         self.config = config
         self.decisions = decisions if decisions is not None else self.Decisions()
+        self._spec_meter = None  # per-step spec-loss metrics (built on the first micro-batch)
 
     def __eq__(self, other: object) -> bool:
         return (type(other) is type(self) and other.config == self.config
@@ -183,11 +196,24 @@ class Method:
         from megatron_ec.moe.router import ECRouter
 
         return functools.partial(ECRouter, routing_cfg=self.routing(facts),
-                                 policy=self.router_policy(), slots=self.dispatcher_slots(facts))
+                                 policy=self.router_policy(), slots=self.dispatcher_slots(facts),
+                                 record_scores=bool(self.config.spec_losses))
 
     def experts_builder(self, facts: MoEFacts) -> Callable | None:
         """The `MoESubmodules.experts` builder; None keeps Megatron-Core's experts."""
         return None
+
+    def experts_wrapper(self, facts: MoEFacts) -> Callable | None:
+        """A function of the experts builder (the spec's or `experts_builder`'s) returning the
+        one to build; None = as is. The orthogonality loss keeps the unweighted outputs."""
+        if "orthogonality" not in self.config.spec_losses:
+            return None
+        if self.experts_builder(facts) is not None:
+            raise ValueError(f"method.spec_losses.orthogonality: method {self.name} brings its "
+                             "own experts; the orthogonality loss is not supported with it")
+        from megatron_ec.moe.spec_losses import with_unweighted_outputs
+
+        return with_unweighted_outputs
 
     # Phase: decisions, router state, what trains.
     def begin_phase(self, start: PhaseStart) -> None:
@@ -211,20 +237,35 @@ class Method:
         """An extra loss of the micro-batch just forwarded (a mean over its tokens), or None.
 
         The trainer adds it, divided by the micro-batches per step, to the micro-batch's task
-        loss before the backward (Megatron DDP then averages over data-parallel ranks).
+        loss before the backward (Megatron DDP then averages over data-parallel ranks). The base
+        class returns the weighted specialisation losses (`config.spec_losses`), if any; a
+        subclass adding its own loss adds `super().micro_batch_loss(model)`.
         """
-        return None
+        weights = self.config.spec_losses
+        if not weights:
+            return None
+        from megatron_ec.moe.spec_losses import SpecLossMeter, micro_batch_terms
+
+        terms = micro_batch_terms(model, tuple(weights))
+        if self._spec_meter is None:
+            self._spec_meter = SpecLossMeter(tuple(weights))
+        self._spec_meter.add(terms)
+        return sum(weights[name] * value for name, value in terms.items())
 
     def after_backward(self, model: torch.nn.Module) -> None:
         """After the step's gradients are finalised, before the optimizer (gradient masks)."""
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        """Once per optimizer step: reduce the routers' statistics (and move the bias)."""
+        """Once per optimizer step: reduce the routers' statistics (and move the bias), and the
+        step's specialisation-loss values."""
         router_ops.bias_update_step(model)
+        if self._spec_meter is not None:
+            self._spec_meter.end_step()
 
     def metrics(self, model: torch.nn.Module) -> dict[str, object]:
         """Per-step metrics (after `after_optimizer_step`)."""
-        return router_ops.routing_metrics(model)
+        spec = self._spec_meter.last if self._spec_meter is not None else {}
+        return {**router_ops.routing_metrics(model), **spec}
 
     # Export and HF restore.
     def changes_routing(self) -> bool:

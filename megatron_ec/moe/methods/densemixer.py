@@ -103,7 +103,8 @@ class DenseMixer(Method):
         self._check(facts)
         routing = self.routing(facts)
         return functools.partial(self._pairing.build_router, routing_cfg=routing,
-                                 policy=self.router_policy(), slots=self.dispatcher_slots(facts))
+                                 policy=self.router_policy(), slots=self.dispatcher_slots(facts),
+                                 record_scores=bool(self.config.spec_losses))
 
     def experts_builder(self, facts: MoEFacts) -> Callable:
         self._check(facts)
