@@ -25,7 +25,8 @@ from megatron_ec.moe.methods import make_method
 from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_parallel
 from tests.harness import run_on_ranks
 from tests.test_finetune_support import demo_start  # noqa: F401
-from tests.tiny import BATCH, SEQ, build_tiny, forward_loss, start_phase, tiny_batch, tiny_config
+from tests.tiny import (BATCH, SEQ, build_tiny, forward_loss, sgd_step, start_phase, tiny_batch,
+                        tiny_config)
 from tests.tolerance import (
     FP32_LAYOUT,
     FP32_ORACLE,
@@ -208,8 +209,7 @@ LR, STEPS = 0.05, 2
 def densemixer_layouts_worker(tmp_dir):
     """Per layout: (losses, last full gradients) of STEPS SGD steps; then the EP2 refusal."""
     from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
-    from megatron_ec.models.layout import full_tensors
-    from megatron_ec.training.distributed import finalize_grads, wrap_ddp
+    from megatron_ec.training.distributed import wrap_ddp
 
     results = {}
     for tp, ep, etp, dispatcher in LAYOUTS:
@@ -224,14 +224,7 @@ def densemixer_layouts_worker(tmp_dir):
         ddp = wrap_ddp(model, tcfg)
         losses = []
         for step in range(STEPS):
-            ddp.zero_grad_buffer()
-            loss = forward_loss(ddp, tiny_batch(seed=step))
-            loss.backward()
-            finalize_grads(ddp)
-            grads = full_tensors(model, lambda p: p.main_grad)
-            with torch.no_grad():
-                for param in model.parameters():
-                    param -= LR * param.main_grad
+            loss, grads = sgd_step(ddp, model, tiny_batch(seed=step), LR)
             losses.append(loss.item())
         results[(tp, ep, etp, dispatcher)] = (losses, grads)
     refused = ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,

@@ -18,9 +18,10 @@ from megatron_ec.moe import state
 from megatron_ec.moe.methods import make_method
 from megatron_ec.moe.methods.saved import method_from_record, method_record
 from megatron_ec.parallel import ParallelConfig, init_parallel, shutdown_parallel
-from megatron_ec.training.distributed import finalize_grads, wrap_ddp
+from megatron_ec.training.distributed import wrap_ddp
 from tests.harness import run_on_ranks
-from tests.tiny import SEQ, build_tiny, forward_loss, start_phase, tiny_batch, tiny_config
+from tests.tiny import (SEQ, build_tiny, forward_loss, sgd_step, start_phase, tiny_batch,
+                        tiny_config)
 from tests.tolerance import FP32_LAYOUT, assert_all_close_scaled, assert_close_scaled
 
 GAMMA = 0.05  # large, so that three steps visibly change the routing of the tiny model
@@ -49,14 +50,7 @@ def _train(model, tcfg, steps: int):
     ddp = wrap_ddp(model, tcfg)
     losses, usage = [], []
     for step in range(steps):
-        ddp.zero_grad_buffer()
-        loss = forward_loss(ddp, tiny_batch(seed=step))
-        loss.backward()
-        finalize_grads(ddp)
-        grads = full_tensors(model, lambda p: p.main_grad)
-        with torch.no_grad():
-            for param in model.parameters():
-                param -= LR * param.main_grad
+        loss, grads = sgd_step(ddp, model, tiny_batch(seed=step), LR)
         state.bias_update_step(model)
         losses.append(loss.item())
         # Each data-parallel rank trains on the same batch, so the reduced usage counts it DP

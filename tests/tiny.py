@@ -65,3 +65,19 @@ def start_phase(model, method: Method, source: Method | None = None) -> Method:
 
     method.begin_phase(PhaseStart(model, source or make_method("sft"), resumed=False))
     return method
+
+
+def sgd_step(ddp, model, batch: dict[str, torch.Tensor], lr: float):
+    """One plain SGD step on the DDP gradient: (loss, full TP1/EP1 gradients before the update)."""
+    from megatron_ec.models.layout import full_tensors
+    from megatron_ec.training.distributed import finalize_grads
+
+    ddp.zero_grad_buffer()
+    loss = forward_loss(ddp, batch)
+    loss.backward()
+    finalize_grads(ddp)
+    grads = full_tensors(model, lambda p: p.main_grad)
+    with torch.no_grad():
+        for param in model.parameters():
+            param -= lr * param.main_grad
+    return loss, grads

@@ -52,6 +52,25 @@ def bias_update_step(model: torch.nn.Module, group=None) -> None:
         router.end_step(row)
 
 
+def check_expert_lists(key: str, lists: dict[int, list[int]], model: torch.nn.Module,
+                       sizes: dict[int, int] | None = None) -> None:
+    """ValueError (one line naming `key[layer]`) unless each listed layer is a MoE layer of `model`
+    with distinct expert ids in [0, E) (and, when `sizes` is given, exactly `sizes[layer]` ids)."""
+    routers = ec_routers(model)
+    layers = sorted(r.layer_index for r in routers)
+    num_experts = routers[0].config.num_moe_experts if routers else 0
+    for layer, ids in sorted(lists.items()):
+        where = f"{key}[{layer}]={ids}"
+        if layer not in layers:
+            raise ValueError(f"{where}: layer {layer} is not a MoE layer; the MoE layers are "
+                             f"{layers} (0-based decoder layers)")
+        if sizes is not None and len(ids) != sizes[layer]:
+            raise ValueError(f"{where}: lists {len(ids)} experts but method.num_condensers "
+                             f"gives r={sizes[layer]} for layer {layer}; list exactly r experts")
+        if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: expert ids must be distinct and in [0, {num_experts})")
+
+
 def selection_biases(model: torch.nn.Module) -> dict[int, torch.Tensor]:
     """{layer index: fp32 bias} of this rank's routers (identical on every rank)."""
     return {r.layer_index: r.selection_bias.clone() for r in ec_routers(model)}

@@ -291,19 +291,6 @@ class MegatronAdam:
         state = self.inner.sharded_state_dict(model.sharded_state_dict(), metadata=self.SHARDING)
         dist_checkpointing.save(state, str(target))
 
-    def _frozen_placeholders(self) -> None:
-        """Zero moments for the frozen parameters, at the trainable ones' step count."""
-        steps = [self.inner.state[p]["step"] for p in self.params if p in self.inner.state]
-        if not self.frozen or not steps:
-            return
-        for param in self.frozen:
-            state = self.inner.state.get(param)
-            if state is None:
-                self.inner.state[param] = state = {
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
-            state["step"] = steps[0].clone()
-
     def load(self, directory: Path, model) -> None:
         from megatron.core import dist_checkpointing
 

@@ -123,18 +123,8 @@ class ExpertCondenser(BiasRouting):
         layer of the model with exactly its r distinct expert ids in [0, E)."""
         routers = router_ops.ec_routers(model)
         per_layer = self.config.condensers_for([r.layer_index for r in routers])
-        num_experts = routers[0].config.num_moe_experts if routers else 0
-        for layer, ids in sorted(self.config.condensers.items()):
-            where = f"method.condensers[{layer}]={ids}"
-            if layer not in per_layer:
-                raise ValueError(f"{where}: layer {layer} is not a MoE layer; the MoE layers are "
-                                 f"{sorted(per_layer)} (0-based decoder layers)")
-            if len(ids) != per_layer[layer]:
-                raise ValueError(f"{where}: lists {len(ids)} experts but method.num_condensers "
-                                 f"gives r={per_layer[layer]} for layer {layer}; list exactly r "
-                                 "experts")
-            if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
-                raise ValueError(f"{where}: expert ids must be distinct and in [0, {num_experts})")
+        router_ops.check_expert_lists("method.condensers", self.config.condensers, model,
+                                      sizes=per_layer)
 
     def apply(self, model: torch.nn.Module) -> None:
         routers = router_ops.ec_routers(model)

@@ -186,16 +186,7 @@ class ESFT(Method):
 
     def check_listed_experts(self, model: torch.nn.Module) -> dict[int, list[int]]:
         """`method.experts`, checked: MoE layers of the model, distinct ids in [0, E)."""
-        routers = router_ops.ec_routers(model)
-        layers = [r.layer_index for r in routers]
-        num_experts = routers[0].config.num_moe_experts if routers else 0
-        for layer, ids in sorted(self.config.experts.items()):
-            where = f"method.experts[{layer}]={ids}"
-            if layer not in layers:
-                raise ValueError(f"{where}: layer {layer} is not a MoE layer; the MoE layers are "
-                                 f"{layers} (0-based decoder layers)")
-            if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
-                raise ValueError(f"{where}: expert ids must be distinct and in [0, {num_experts})")
+        router_ops.check_expert_lists("method.experts", self.config.experts, model)
         return {layer: sorted(ids) for layer, ids in self.config.experts.items()}
 
     @torch.no_grad()
