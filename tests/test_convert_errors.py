@@ -84,7 +84,7 @@ def unsafe_pickle(base: Path, case: Path):
 def unsupported_model_type(base: Path, case: Path):
     hf = _copy(base, case / "hf")
     _edit_config(hf, model_type="llama")
-    return ["import", "--hf", hf], "supported: deepseek_v2, mixtral, olmoe, qwen2_moe, qwen3_moe"
+    return ["import", "--hf", hf], "supported: deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"
 
 
 def unsupported_setting(base: Path, case: Path):
