@@ -8,7 +8,8 @@ launch ends:
   the agent (SIGTERM/SIGKILL): exit with status 2 and print nothing more (no elastic-agent
   traceback, no `ChildFailedError` report);
 - any other worker failure (a bug, a signal, a lost peer): torchrun's own failure report (which
-  rank, exit code or signal, the time), without the agent's Python traceback, and exit status 1;
+  rank, exit code or signal, the time), without the agent's Python traceback, then (several
+  nodes) one line saying how to resume, and exit status 1;
 - the rendezvous did not complete (another node never came, e.g. node 0 stopped at a failed
   check): one line naming MASTER_ADDR:MASTER_PORT and the timeout, exit status 3.
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
         print(f"megatron_ec.torchrun ({node}): worker failure\n{err.format_msg()}",
               file=sys.stderr)
+        if node != "torchrun":
+            print(f"megatron_ec.torchrun ({node}): a worker failed (its output is above); if a "
+                  "node was lost (e.g. 'Connection reset by peer', a SIGKILL), launch every node "
+                  "again: each phase resumes from its last checkpoint", file=sys.stderr)
         return EXIT_WORKER_FAILED
     except Exception as err:  # rendezvous: DistStoreError, RendezvousTimeoutError, TimeoutError
         name = type(err).__name__

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -97,24 +98,30 @@ def _demo_overrides(root: Path, phase1: str = "phase1", phase2: str = "phase2") 
             "pipeline.demo_num_train=240", "pipeline.eval.heldout="]
 
 
-def _start_node(root: Path, rank: int, port: int, overrides: list[str], out, err):
-    env = cli_env(PYTHON=PYTHON, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
-                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RDZV_TIMEOUT="300")
-    return subprocess.Popen(["bash", str(LAUNCHER), *overrides], cwd=REPO, env=env, stdout=out,
-                            stderr=err, text=True, start_new_session=True)
-
-
-def test_two_nodes_on_localhost_match_one_node(tmp_path):
-    """Two launcher processes (NNODES=2, one rank each) run the demo end to end: import, both
-    phases, export; the losses are bitwise those of one node with two ranks (the same world
-    size, layout and rank order: the same arithmetic, only the processes' placement differs)."""
-    overrides = _demo_overrides(tmp_path)
+def _run_nodes(root: Path, overrides: list[str], fault: str | None = None,
+               timeout: float = 600) -> list[tuple[int, str, float]]:
+    """Both nodes' launchers side by side on a free port: [(exit status, stderr, exit time)];
+    `fault` (MEGATRON_EC_FAULT) is set on node 1 only."""
     port = free_port()
-    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
-    nodes = [_start_node(tmp_path, rank, port, overrides, *logs[rank]) for rank in range(2)]
+    nodes, logs = [], []
+    for rank in range(2):
+        extra = {"MEGATRON_EC_FAULT": fault} if fault and rank == 1 else {}
+        env = cli_env(PYTHON=PYTHON, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RDZV_TIMEOUT="300",
+                      COLLECTIVE_TIMEOUT="60", **extra)
+        err = tempfile.TemporaryFile("w+")
+        logs.append(err)
+        nodes.append(subprocess.Popen(["bash", str(LAUNCHER), *overrides], cwd=REPO, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                      start_new_session=True))
+    ended = [None, None]
+    deadline = time.monotonic() + timeout
     try:
-        for node in nodes:
-            node.wait(timeout=600)
+        while None in ended and time.monotonic() < deadline:
+            for rank, node in enumerate(nodes):
+                if ended[rank] is None and node.poll() is not None:
+                    ended[rank] = time.monotonic()
+            time.sleep(0.5)
     finally:
         for node in nodes:
             try:
@@ -122,20 +129,42 @@ def test_two_nodes_on_localhost_match_one_node(tmp_path):
             except ProcessLookupError:
                 pass
             node.wait()
-    stderr = []
-    for out, err in logs:
+    results = []
+    for rank, (node, err) in enumerate(zip(nodes, logs)):
         err.seek(0)
-        stderr.append(err.read())
-    for rank, node in enumerate(nodes):
-        assert node.returncode == 0, f"node {rank}:\n{stderr[rank][-3000:]}"
+        results.append((node.returncode if ended[rank] else None, err.read(), ended[rank]))
+    return results
+
+
+def test_two_nodes_on_localhost_match_one_node_and_survive_a_lost_node(tmp_path):
+    """Two launcher processes (NNODES=2, one rank each) run the demo: node 1 is killed after
+    phase 1's step 2 (before that step's save); node 0 then stops with torchrun's failure report
+    within the collective timeout. Launched again, both resume from step 1's checkpoint and finish
+    (both phases, export); the losses are bitwise those of one node with two ranks (the same
+    world size, layout and rank order: the same arithmetic, only the processes' placement
+    differs)."""
+    overrides = _demo_overrides(tmp_path) + ["output.save_interval=1"]
+    (code0, err0, end0), (code1, err1, end1) = _run_nodes(tmp_path, overrides,
+                                                          fault="kill_after_step:2")
+    assert code1 not in (0, None) and code0 not in (0, None), (code0, code1, err0[-3000:])
+    assert end0 - end1 < 120, f"node 0 ended {end0 - end1:.0f} s after node 1"
+    assert "[finetune_condenser] stopped: training failed" in err0, err0[-3000:]
+    assert "megatron_ec.torchrun (node 0): a worker failed" in err0 and "resumes" in err0
+    assert "Traceback" not in err0.split("megatron_ec.torchrun")[-1]
+    assert len(read_metrics(tmp_path / "phase1" / "metrics.jsonl")) >= 1
+
+    results = _run_nodes(tmp_path, overrides)
+    for rank, (code, stderr, _) in enumerate(results):
+        assert code == 0, f"node {rank}:\n{stderr[-3000:]}"
+    assert "resuming" in results[0][1]
     assert (tmp_path / "hf" / "config.json").is_file()
     assert (tmp_path / "hf" / "megatron_ec_routing.json").is_file()
-    assert "] export " in stderr[0] and "] export " not in stderr[1]
+    assert "] export " in results[0][1] and "] export " not in results[1][1]
 
     # one node, two ranks, the same recipe from the same import
     one = run_cli("megatron_ec.recipe", ["--config", str(DEMO_RECIPE),
-                                         *_demo_overrides(tmp_path, "one1", "one2")],
-                  nproc=2, timeout=600)
+                                         *_demo_overrides(tmp_path, "one1", "one2"),
+                                         "output.save_interval=1"], nproc=2, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     for two_nodes, one_node in (("phase1", "one1"), ("phase2", "one2")):
         multi = [r["loss"] for r in read_metrics(tmp_path / two_nodes / "metrics.jsonl")]
