@@ -63,8 +63,13 @@ if [ "${1:-}" = --list-keys ]; then
   exec "$PYTHON" -m megatron_ec.recipe --config "$RECIPE" --list-keys
 fi
 
-# this node: GPUs (NPROC_PER_NODE defaults to them, else 2 CPU ranks)
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+# this node: GPUs (NPROC_PER_NODE defaults to them, else 2 CPU ranks); CUDA_VISIBLE_DEVICES=""
+# means none (and saves a Python start)
+if [ "${CUDA_VISIBLE_DEVICES-unset}" = "" ]; then
+  gpus=0
+else
+  gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
 if [ "$gpus" = 0 ]; then
   export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
