@@ -29,7 +29,18 @@ EXIT_NO_RENDEZVOUS = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The agent's own c10d messages (a store that cannot be reached is logged from C++ with a
+    # stack dump) are replaced by the line below; read when torch loads, so set only for this
+    # process, not for the workers it starts.
+    user_level = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = user_level or "FATAL"
+    import torch  # noqa: F401
+
+    if user_level is None:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv)
@@ -52,14 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                   "node was lost (e.g. 'Connection reset by peer', a SIGKILL), launch every node "
                   "again: each phase resumes from its last checkpoint", file=sys.stderr)
         return EXIT_WORKER_FAILED
-    except Exception as err:  # rendezvous: DistStoreError, RendezvousTimeoutError, TimeoutError
+    except (DistError, RendezvousError, TimeoutError) as err:  # e.g. DistNetworkError: no store
         name = type(err).__name__
-        if "Rendezvous" not in name and "Store" not in name and "Timeout" not in name:
-            raise
         timeout = os.environ.get("MEGATRON_EC_RDZV_TIMEOUT", "the rendezvous timeout")
         where = f"{args.master_addr}:{args.master_port}"
         print(f"megatron_ec.torchrun ({node}): error: no rendezvous of {args.nnodes} node(s) at "
-              f"{where} within {timeout} s ({name}); another node stopped (node 0 prints why) or "
+              f"{where} (timeout {timeout} s, {name}); another node stopped (node 0 prints why) or "
               "never started", file=sys.stderr)
         return EXIT_NO_RENDEZVOUS
     return 0

@@ -86,6 +86,18 @@ def test_a_failed_step_stops_the_launcher_with_one_line(tmp_path):
                                            " no such config file; fix the --config path"]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     assert "FAILED" not in result.stderr
+    # node 1 alone (node 0 stopped at its check): one line after the rendezvous timeout, exit 3
+    port = free_port()
+    argv = ["-m", "megatron_ec.torchrun", "--nnodes", "2", "--node_rank", "1", "--master_addr",
+            "127.0.0.1", "--master_port", str(port), "--nproc_per_node", "1",
+            "--rdzv_conf", "timeout=3", "-m", "megatron_ec.recipe", "--config", "none.yaml"]
+    result = subprocess.run([PYTHON, *argv], cwd=REPO, env=cli_env(MEGATRON_EC_RDZV_TIMEOUT="3"),
+                            text=True, capture_output=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "megatron_ec.torchrun (node 1): error: no rendezvous of 2 node(s) at 127.0.0.1:"
+        f"{port} (timeout 3 s, DistNetworkError); another node stopped (node 0 prints why) "
+        "or never started"], result.stderr
 
 
 def _demo_overrides(root: Path, phase1: str = "phase1", phase2: str = "phase2") -> list[str]:
