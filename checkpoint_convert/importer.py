@@ -193,6 +193,26 @@ def _write(model, root: Path, meta: dict, method: Method, hf_dir: Path,
     return root / iteration_name(0)
 
 
+def _checked_inputs(hf_dir: Path, out: Path, parallel: ParallelConfig, overwrite: bool):
+    check_input_dir(hf_dir, "--hf", "the HF model directory (save_pretrained layout)")
+    check_output(out, overwrite)
+    family, hf_config = read_hf_config(hf_dir)
+    cfg = model_config(family, hf_config, str(hf_dir / "config.json"))
+    check_layout(cfg, parallel)
+    ckpt = HFCheckpoint(hf_dir, family)
+    entries = expand(family, cfg)
+    check_names(ckpt, entries, family)
+    return family, hf_config, cfg, ckpt, entries
+
+
+def check_import(hf_dir: str | Path, out: str | Path,
+                 parallel: ParallelConfig = ParallelConfig()) -> MoEModelConfig:
+    """What `import_hf` checks before it starts the process group (output path, config.json and
+    family, layout, weight files and tensor names from the headers), on one process, writing
+    nothing; returns the model config. ConversionError (a ValueError) on a problem."""
+    return _checked_inputs(Path(hf_dir), Path(out), parallel, overwrite=False)[2]
+
+
 def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = ParallelConfig(),
               overwrite: bool = False) -> ImportReport:
     """Convert an HF directory into a megatron_ec checkpoint at `out`.
@@ -200,15 +220,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
     Runs in one process or on every rank of a torchrun launch (each rank reads only its slices).
     """
     hf_dir, out = Path(hf_dir), Path(out)
-    check_input_dir(hf_dir, "--hf", "the HF model directory (save_pretrained layout)")
-    check_output(out, overwrite)
-    family, hf_config = read_hf_config(hf_dir)
-    cfg = model_config(family, hf_config, str(hf_dir / "config.json"))
-    check_layout(cfg, parallel)
+    family, hf_config, cfg, ckpt, entries = _checked_inputs(hf_dir, out, parallel, overwrite)
     generation = read_generation_config(hf_dir)
-    ckpt = HFCheckpoint(hf_dir, family)
-    entries = expand(family, cfg)
-    check_names(ckpt, entries, family)
     method, biases = read_routing_file(hf_dir) or (make_method("sft"), None)
     dtype = checkpoint_dtype(ckpt, [name for entry in entries for name in entry.hf])
 

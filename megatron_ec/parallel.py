@@ -7,6 +7,7 @@ mistyped layout fails at once with a fix-it message instead of hanging ranks.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -82,14 +83,31 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
 
 
-def init_parallel(cfg: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
+COLLECTIVE_TIMEOUT_ENV = "MEGATRON_EC_COLLECTIVE_TIMEOUT"
+"""Seconds a collective may wait for a peer before it fails (default 1800, torch's own); the
+launcher sets it (`COLLECTIVE_TIMEOUT`, default 600) so that a lost node ends the others' run."""
+
+
+def collective_timeout_minutes() -> int:
+    """The collective timeout from `MEGATRON_EC_COLLECTIVE_TIMEOUT` (seconds), in whole minutes."""
+    text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r} must be a number of seconds") from None
+    return max(1, math.ceil(seconds / 60))
+
+
+def init_parallel(cfg: ParallelConfig, seed: int, timeout_minutes: int | None = None) -> None:
     """Initialise torch.distributed and Megatron-Core's parallel state from the environment.
 
     Args:
         cfg: the parallel layout.
         seed: base seed; Megatron derives the TP/EP streams from it.
-        timeout_minutes: collective timeout.
+        timeout_minutes: collective timeout; None = `collective_timeout_minutes()`.
     """
+    if timeout_minutes is None:
+        timeout_minutes = collective_timeout_minutes()
     from megatron.core import parallel_state, tensor_parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -239,17 +239,41 @@ def to_dict(obj: Any) -> Any:
 
 
 def unknown_key_message(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    if not close:  # a right leaf in the wrong section: compare leaf names
-        leaf = key.rsplit(".", 1)[-1]
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in allowed}
-        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-        close = [by_leaf[leaves[0]]] if leaves else []
-    if close:
-        return f"unknown config key '{key}'; did you mean '{close[0]}'?"
-    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = [k for k in allowed if k.startswith(section) and "." not in k[len(section):]]
-    return f"unknown config key '{key}'; valid keys here: {', '.join(siblings)}"
+    """"unknown config key ...; did you mean ...?", else the valid keys of the nearest enclosing
+    section that has any. Tried in turn: a close key of the same section; for an unknown section,
+    the closest section name at the first unknown level (`trian.lr` -> `train.lr`); the same leaf
+    in another section (`seq_length` -> `data.seq_length`)."""
+    parts = key.split(".")
+
+    def children(prefix: str) -> list[str]:
+        return [k[len(prefix):] for k in allowed
+                if k.startswith(prefix) and "." not in k[len(prefix):]]
+
+    def close(word: str, words: list[str], cutoff: float = 0.6) -> str | None:
+        found = difflib.get_close_matches(word, words, n=1, cutoff=cutoff)
+        return found[0] if found else None
+
+    known = len(parts) - 1  # the nearest enclosing section that has keys
+    while known and not children("".join(f"{p}." for p in parts[:known])):
+        known -= 1
+    section = "".join(f"{p}." for p in parts[:known])
+    names = children(section)
+    guess = None
+    match = close(parts[known], names)
+    if match is not None:
+        candidate = section + ".".join([match, *parts[known + 1:]])
+        guess = candidate if candidate in allowed else None
+    if guess is None:  # the right leaf in the wrong section
+        by_leaf: dict[str, str] = {}
+        for k in allowed:  # the first listed key with that leaf
+            if not (section and k.startswith(section) and "." not in k[len(section):]):
+                by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+        leaf = close(parts[-1], list(by_leaf), cutoff=0.75)
+        guess = by_leaf[leaf] if leaf is not None and by_leaf[leaf] != key else None
+    if guess is not None:
+        return f"unknown config key '{key}'; did you mean '{guess}'?"
+    where = f"valid keys of {section.rstrip('.')}" if section else "valid sections"
+    return f"unknown config key '{key}'; {where}: {', '.join(section + n for n in names)}"
 
 
 def _hints(cls: type) -> dict[str, Any]:

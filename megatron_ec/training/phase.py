@@ -29,13 +29,14 @@ def validate_for_world(cfg, num_ranks: int) -> None:
                          "keeps fp32 master weights; it does not run on CPU); use train.precision=fp32")
 
 
-def build_datasets(cfg, start, write_cache: bool):
+def build_datasets(cfg, start, write_cache: bool, tokenizer_dir: Path | None = None):
     """(training split, validation split or None), tokenised with the starting checkpoint's
-    tokenizer through the same pipeline (templates, masks, packing, cache)."""
+    tokenizer (or the one in `tokenizer_dir`) through the same pipeline (templates, masks,
+    packing, cache)."""
     from megatron_ec.data import build_sft_dataset, load_tokenizer
     from megatron_ec.models import ckpt_dir
 
-    tokenizer_dir = start.source / ckpt_dir.TOKENIZER
+    tokenizer_dir = tokenizer_dir or start.source / ckpt_dir.TOKENIZER
     if not tokenizer_dir.is_dir():
         raise ValueError(f"{start.source}: no {ckpt_dir.TOKENIZER}/ directory; import the model "
                          "with checkpoint_convert import, which copies its tokenizer")
@@ -48,18 +49,28 @@ def build_datasets(cfg, start, write_cache: bool):
     return split("train"), split("valid") if cfg.data.valid is not None else None
 
 
-def check_phase(cfg, num_ranks: int | None = None) -> str:
+def check_phase(cfg, num_ranks: int | None = None, hf_import=None) -> str:
     """Everything `setup_phase` validates before training, on one process, writing nothing.
 
     Args:
         cfg: the phase.
         num_ranks: ranks of the real run (default: this launch's WORLD_SIZE).
+        hf_import: (HF directory, its MoEModelConfig) when `model.checkpoint` is not imported
+            yet: the data is checked with the HF directory's tokenizer and vocabulary instead.
     """
-    from megatron_ec.training.loop import find_start
+    from types import SimpleNamespace
+
+    from megatron_ec.training.loop import _check_output_dir, find_start
 
     validate_for_world(cfg, num_ranks or world_size())
-    start = find_start(cfg)
-    dataset, valid = build_datasets(cfg, start, write_cache=False)
+    if hf_import is None:
+        start = find_start(cfg)
+        dataset, valid = build_datasets(cfg, start, write_cache=False)
+    else:
+        _check_output_dir(Path(cfg.output.dir))
+        hf_dir, model_cfg = hf_import
+        start = SimpleNamespace(source=Path(hf_dir), model_cfg=model_cfg, resume=None)
+        dataset, valid = build_datasets(cfg, start, write_cache=False, tokenizer_dir=Path(hf_dir))
     steps = cfg.train.total_steps(len(dataset))
     where = f"resume at {start.resume.name}" if start.resume else f"start from {start.source}"
     validation = f", {len(valid)} validation sequences" if valid is not None else ""

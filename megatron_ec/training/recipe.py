@@ -14,7 +14,9 @@ A recipe is a fine-tuning config (sections model, data, train, parallel, method,
       export_dir: runs/x/hf        # the last phase is exported here
 
 Each phase's config = the top-level sections, then the phase's own sections, then the command-line
-overrides (`train.max_steps=10` applies to every phase; `phases.condenser.train.lr=1e-5` to one).
+overrides (`train.max_steps=10` applies to every phase; `phases.condenser.train.lr=1e-5` to one;
+`pipeline.export_dir=runs/y/hf` to the pipeline section). Every key is validated, and
+`python -m megatron_ec.recipe --list-keys` lists them all (`recipe_keys`).
 A shared `model.checkpoint` (file or override) is where the FIRST phase starts; later phases start
 from the previous phase's output.dir unless they set their own model.checkpoint. A plain config
 (no `phases:`) is a recipe of one phase. `python -m megatron_ec.recipe` runs them all.
@@ -31,9 +33,11 @@ from megatron_ec.training.config_tree import (
     ConfigError,
     apply_overrides,
     build,
+    describe_keys,
     load_yaml,
     merge,
     unknown_key_message,
+    valid_keys,
 )
 
 SECTIONS = ("model", "data", "train", "parallel", "method", "output")
@@ -44,7 +48,8 @@ class EvalConfig:
     """Held-out evaluation after export (recipe section `pipeline.eval`)."""
 
     heldout: str | None = None
-    """JSONL with `instruction`/`input`/`answer` records (LLM-Adapters format); None = no eval."""
+    """JSONL with `instruction`/`input`/`answer` records (LLM-Adapters format); None (or empty,
+    e.g. `pipeline.eval.heldout=` on the command line) = no eval."""
     max_samples: int = 200
     """Evaluate on the first this many records."""
     max_new_tokens: int = 48
@@ -57,15 +62,23 @@ class PipelineConfig:
 
     hf_model: str | None = None
     """HF model directory imported into the first phase's `model.checkpoint` when that has no
-    checkpoint yet; None = the checkpoint must exist."""
+    checkpoint yet; None (or empty) = the checkpoint must exist."""
     export_dir: str | None = None
-    """Where the last phase's checkpoint is exported as an HF directory; None = no export."""
+    """Where the last phase's checkpoint is exported as an HF directory; None (or empty) = no
+    export."""
     demo: bool = False
     """Create the tiny demo model (`tools/make_tiny_model.py`) at `hf_model` and the demo data
     (`tools/make_demo_data.py`) next to `data.train` when they are missing."""
     demo_num_train: int = 2000
     """Training problems the demo data generator writes (`--num-train`)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True)
+class _PipelineSection:
+    """The `pipeline` section seen from the top of a recipe (for dotted overrides and messages)."""
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 @dataclass(frozen=True)
@@ -86,9 +99,12 @@ class Recipe:
         if unknown:
             allowed = list(SECTIONS) + ["phases", "pipeline"]
             raise ConfigError(unknown_key_message(unknown[0], allowed))
-        self.pipeline = build(PipelineConfig, data.get("pipeline") or {}, "pipeline.")
         self.phases = self._phases(data.get("phases"))
-        self.global_overrides, self.phase_overrides = self._split_overrides(overrides)
+        self.global_overrides, self.phase_overrides, pipeline_overrides = \
+            self._split_overrides(overrides)
+        pipeline = apply_overrides({"pipeline": data.get("pipeline") or {}}, pipeline_overrides,
+                                   _PipelineSection)["pipeline"]
+        self.pipeline = build(PipelineConfig, pipeline, "pipeline.")
 
     @classmethod
     def load(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
@@ -117,19 +133,40 @@ class Recipe:
         return phases
 
     def _split_overrides(self, overrides: list[str]):
+        """(shared, {phase: its overrides}, pipeline overrides); every key checked here, so that an
+        unknown one names the valid keys of its section (`pipeline.*`, `phases.<name>.*`)."""
+        from megatron_ec.training.config import FinetuneConfig
+
         names = [p.name for p in self.phases]
         per_phase: dict[str, list[str]] = {n: [] for n in names}
-        shared = []
+        shared, pipeline = [], []
+        section_keys = valid_keys(FinetuneConfig)
         for item in overrides:
-            if item.startswith("phases."):
-                _, name, rest = item.split(".", 2) if item.count(".") >= 2 else (None, "", "")
+            key, sep, _ = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. "
+                                  "train.lr=1e-4")
+            if key.startswith("phases."):
+                _, name, rest = item.split(".", 2) if key.count(".") >= 2 else (None, "", "")
                 if name not in per_phase:
                     raise ConfigError(f"override {item!r}: no phase named {name!r}; phases: "
                                       f"{', '.join(names)}")
+                rest_key = rest.partition("=")[0].strip()
+                if rest_key.split(".")[0] == "pipeline":
+                    raise ConfigError(f"override {item!r}: pipeline keys apply to the whole "
+                                      f"recipe, not to one phase; use {rest}")
+                if rest_key not in section_keys:
+                    allowed = [f"phases.{name}.{k}" for k in section_keys]
+                    raise ConfigError(unknown_key_message(f"phases.{name}.{rest_key}", allowed))
                 per_phase[name].append(rest)
+            elif key == "pipeline" or key.startswith("pipeline."):
+                pipeline.append(item)
             else:
+                if key not in section_keys:
+                    raise ConfigError(unknown_key_message(key, recipe_key_names(names)))
                 shared.append(item)
-        return shared, per_phase
+        return shared, per_phase, pipeline
 
     def phase_data(self, name: str) -> dict:
         """The merged (unvalidated) sections of one phase, with chaining applied."""
@@ -189,26 +226,81 @@ def print_paths(recipe: Recipe) -> str:
         "PHASE_DIRS": " ".join(c.output.dir for c in configs),
         "TP": str(first.parallel.tensor_model_parallel_size),
         "EP": str(first.parallel.expert_model_parallel_size),
+        "ETP": str(first.parallel.expert_tensor_parallel_size),
     }
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
-def check_all(recipe: Recipe, num_ranks: int | None = None) -> list[str]:
+def check_all(recipe: Recipe, num_ranks: int | None = None,
+              hf_dir: str | None = None) -> list[str]:
     """`finetune --check` for every phase; a later phase whose start does not exist yet is checked
-    against the first phase's start (same model and tokenizer)."""
+    against the first phase's start (same model and tokenizer).
+
+    With `hf_dir`, a first phase whose checkpoint is not there yet is checked against the HF
+    directory it will be imported from (`checkpoint_convert.importer.check_import` at the first
+    phase's TP/EP, then the data with its tokenizer), so that every input is checked before the
+    import runs."""
     from megatron_ec.models import ckpt_dir
     from megatron_ec.training.phase import check_phase
 
+    def exists(source: Path) -> bool:
+        return (source / ckpt_dir.LATEST).is_file() or (source / ckpt_dir.MODEL_META).is_file()
+
     lines = []
     configs = recipe.configs()
+    hf_import = None
+    first = Path(configs[0].model.checkpoint)
+    if not exists(first):
+        if hf_dir is None:
+            raise ValueError(f"model.checkpoint={first}: no checkpoint there yet; import one "
+                             "with python -m checkpoint_convert import")
+        from checkpoint_convert.importer import check_import
+
+        model_cfg = check_import(hf_dir, first, configs[0].parallel)
+        hf_import = (hf_dir, model_cfg)
+        lines.append(f"import {hf_dir} -> {first}: ok ({model_cfg.num_experts} experts, "
+                     f"TP{configs[0].parallel.tensor_model_parallel_size}/"
+                     f"EP{configs[0].parallel.expert_model_parallel_size})")
     for phase, cfg in zip(recipe.phases, configs):
         source = Path(cfg.model.checkpoint)
         note = ""
-        if not (source / ckpt_dir.LATEST).is_file() and not (source / ckpt_dir.MODEL_META).is_file():
-            if cfg is configs[0]:
-                raise ValueError(f"model.checkpoint={source}: no checkpoint there yet; import one "
-                                 "with python -m checkpoint_convert import")
+        if not exists(source) and cfg is not configs[0]:
             note = f" (checked against {configs[0].model.checkpoint}; trains from {source})"
             cfg = dataclasses.replace(cfg, model=configs[0].model)
-        lines.append(f"phase {phase.name}: {check_phase(cfg, num_ranks)}{note}")
+        if hf_import is not None and Path(cfg.model.checkpoint) == first:
+            result = check_phase(cfg, num_ranks, hf_import=hf_import)
+            note += f" (data checked with the tokenizer of {hf_dir})"
+        else:
+            result = check_phase(cfg, num_ranks)
+        lines.append(f"phase {phase.name}: {result}{note}")
     return lines
+
+
+def recipe_key_names(phase_names: list[str] | None = None) -> list[str]:
+    """Every dotted key an override may set: the phase sections, `pipeline.*`, and
+    `phases.<name>.<section key>` for each phase (a placeholder `<name>` when none are given)."""
+    from megatron_ec.training.config import FinetuneConfig
+
+    section_keys = valid_keys(FinetuneConfig)
+    keys = section_keys + valid_keys(_PipelineSection)
+    for name in phase_names or ["<name>"]:
+        keys += [f"phases.{name}.{k}" for k in section_keys]
+    return keys
+
+
+def recipe_keys(phase_names: list[str] | None = None) -> str:
+    """`--list-keys` of a recipe: every key with its default and meaning, then `pipeline.*`, then
+    how one phase's keys are set."""
+    from megatron_ec.training.config import FinetuneConfig
+
+    lines = []
+    for key, default, doc in describe_keys(FinetuneConfig) + describe_keys(_PipelineSection):
+        lines.append(f"{key} = {default}")
+        if doc:
+            lines.append(f"    {doc}")
+    names = ", ".join(phase_names) if phase_names else "the names in the recipe's phases: list"
+    lines.append("phases.<name>.<key> = (the shared value)")
+    lines.append("    Any key above except pipeline.* for one phase only, e.g. "
+                 "phases.condenser.method.gamma=1e-4 (<name>: " + names + "); applied after the "
+                 "shared overrides. pipeline.* keys are shared by the whole recipe.")
+    return "\n".join(lines)
