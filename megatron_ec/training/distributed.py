@@ -40,3 +40,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def micro_batch_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """(per-token losses, loss mask) of one micro-batch, both on the model's device.
+
+    The data pipeline yields CPU tensors; on a GPU they move to the current device first.
+    """
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   labels=batch["labels"], padding_mask=batch["padding_mask"])
+    return losses, batch["loss_mask"].to(losses.device)

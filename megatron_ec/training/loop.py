@@ -40,7 +40,7 @@ from megatron_ec.moe.methods.saved import load_method
 from megatron_ec.parallel import collective_device
 from megatron_ec.training import checkpoint, validation
 from megatron_ec.training.config import FinetuneConfig
-from megatron_ec.training.distributed import finalize_grads, unwrap, wrap_ddp
+from megatron_ec.training.distributed import finalize_grads, micro_batch_losses, unwrap, wrap_ddp
 from megatron_ec.training.metrics import MetricsWriter
 from megatron_ec.training.optimizer import build_optimizer
 from megatron_ec.training.progress import Progress
@@ -128,11 +128,8 @@ def forward_backward(ddp, micro_batches: list[dict[str, torch.Tensor]],
     _set_aux_loss_scale(len(micro_batches))
     loss_sum = None  # on the device of the losses: no host read per micro-batch
     for batch in micro_batches:
-        if torch.cuda.is_available():  # the data pipeline yields CPU tensors
-            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        losses = ddp(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                     labels=batch["labels"], padding_mask=batch["padding_mask"])
-        micro_sum = (losses.float() * batch["loss_mask"]).sum()
+        losses, loss_mask = micro_batch_losses(ddp, batch)
+        micro_sum = (losses.float() * loss_mask).sum()
         loss = micro_sum * scale
         extra = method.micro_batch_loss(unwrap(ddp)) if method is not None else None
         if extra is not None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ec.data import PackedDataset, eval_micro_batches
+from megatron_ec.training.distributed import micro_batch_losses
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def evaluate(model: torch.nn.Module, dataset: PackedDataset, micro_batch_size: i
     try:
         sums = None  # [loss x mask, mask] in fp64, on the device of the model's outputs
         for batch in eval_micro_batches(dataset, micro_batch_size, dp_rank, dp_size):
-            losses, loss_mask = _forward(model, batch)
+            losses, loss_mask = micro_batch_losses(model, batch)
             micro = torch.stack([(losses.float() * loss_mask).sum().double(),
                                  loss_mask.sum().double()])
             sums = micro if sums is None else sums + micro
@@ -66,11 +67,3 @@ def evaluate(model: torch.nn.Module, dataset: PackedDataset, micro_batch_size: i
         dist.all_reduce(sums, group=group)
     loss_sum, tokens = sums.tolist()
     return ValidationResult(loss=loss_sum / max(tokens, 1.0), tokens=int(tokens))
-
-
-def _forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.cuda.is_available():  # the data pipeline yields CPU tensors
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                   labels=batch["labels"], padding_mask=batch["padding_mask"])
-    return losses, batch["loss_mask"].to(losses.device)
