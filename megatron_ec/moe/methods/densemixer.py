@@ -29,11 +29,11 @@ Where it enters Megatron-Core's MoE layer, through the two seams only (no fork):
 TP: with ETP1 every rank's experts see its own sequence-parallel tokens; with ETP>1 the scores and
 maps are gathered over the expert-TP group like the dispatcher gathers tokens, each rank adds its
 partial c (its fc2 shard), and the scores' gather backward (a reduce-scatter) sums the partial
-router gradients. EP>1 (with ETP1): hidden states, scores and maps are gathered over EP, each rank
-runs its local experts on all EP·T tokens, and a zero-valued tap on the expert rows
-(`_EPRouterTap`) all-reduces dL/dy over EP in the backward, so every rank can form its unselected
-local experts' router term; the scores' gather returns it to the token owners. EP with ETP>1 is
-refused (docs/BASELINES.md).
+router gradients. EP>1: hidden states, scores and maps are gathered over EP (and expert TP, in
+the dispatcher's order), each rank runs its local experts (its fc2 shard of them) on all
+gathered tokens, and a zero-valued tap on the expert rows (`_EPRouterTap`) all-reduces dL/dy over
+expert TP x EP in the backward, so every rank can form its unselected local experts' (partial)
+router term; the scores' gathers return (and sum) it to the token owners.
 """
 
 from __future__ import annotations
@@ -47,11 +47,6 @@ import torch
 from megatron_ec.moe.densemixer import dense_gate_weights
 from megatron_ec.moe.methods.base import Method, MethodConfig, MoEFacts
 from megatron_ec.moe.methods.registry import register
-
-EP_LIMIT = ("method densemixer: expert_model_parallel_size > 1 needs "
-            "expert_tensor_parallel_size=1 (its dense router gradient gathers every token over "
-            "one group, EP or expert TP; docs/BASELINES.md)")
-
 
 @dataclass(frozen=True)
 class DenseMixerConfig(MethodConfig):
