@@ -1,12 +1,15 @@
-"""DenseMixer and ESFT on HF-converted tiny models of the DenseMixer families (one launch).
+"""DenseMixer and ESFT on HF-converted tiny models of the paper's families (one launch).
 
-A tiny random HF checkpoint of Qwen2-MoE and Qwen3-MoE (`tools/make_tiny_hf.py`) and of OLMoE
-(`tests/family_parity.save_reference`) goes through `checkpoint_convert` import; the imported
-checkpoint is then loaded with each method:
+A tiny random HF checkpoint of Qwen2-MoE, Qwen3-MoE and GPT-OSS (`tools/make_tiny_hf.py`) and of
+OLMoE (`tests/family_parity.save_reference`) goes through `checkpoint_convert` import; the
+imported checkpoint is then loaded with each method:
 - DenseMixer: the forward equals SFT's bitwise, the router gradient differs (dense), one SGD step
   moves the routers; the converted model's first MoE layer, on the hidden states the model feeds
-  it, equals the `densemixer` package's patched forward of that family on a stand-in block of the
-  same weights (output, input, router, expert and shared-expert gradients; FP32_ORACLE).
+  it, equals (output, input, router, expert and shared-expert gradients; FP32_ORACLE) the
+  `densemixer` package's patched forward of that family on a stand-in block of the same weights,
+  and for GPT-OSS (which the package does not patch: biased experts, clamped SwiGLU, softmax over
+  the k selected logits) the straight-through formula (`moe/densemixer.densemixer_combine`,
+  itself checked against a naive loop) on the layer's own router weights and expert modules.
 - ESFT: the scoring pass's selection = a naive loop over the frozen converted model's routing;
   after an AdamW step (weight decay) exactly the selected experts changed.
 """
@@ -21,7 +24,8 @@ import torch
 from tests.harness import run_on_ranks
 from tests.tolerance import FP32_ORACLE, assert_all_close_scaled
 
-FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+PACKAGE_FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe")
 TOP_P = 0.5
 _EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.")
 
@@ -86,22 +90,26 @@ def _densemixer(ckpt: str, family: str) -> dict:
                for n, p in dense.named_parameters() if n.endswith("router.weight")}
     dense.zero_grad(set_to_none=True)
 
-    # the package on the converted layer, fed the hidden states the model gives it
-    block = StandInBlock(layer, cfg)
+    # the oracle on the converted layer, fed the hidden states the model gives it
     probe_SBH = torch.randn(seen[0].shape, generator=torch.Generator().manual_seed(1))
     ours_in = seen[0].clone().requires_grad_()
     ours, _ = layer(ours_in)
     (ours * probe_SBH).sum().backward()
-    theirs_in = seen[0].transpose(0, 1).contiguous().requires_grad_()
-    theirs = PACKAGE[family][0](block, theirs_in)[0]
-    (theirs * probe_SBH.transpose(0, 1)).sum().backward()
-    layer_grads, stand_in = dict(layer.named_parameters()), dict(block.named_parameters())
-    got, want = {"output": ours.detach(), "hidden": ours_in.grad}, {
-        "output": theirs.detach().transpose(0, 1), "hidden": theirs_in.grad.transpose(0, 1)}
-    for name, theirs_names in _package_names(cfg).items():
-        got[name] = layer_grads[name].grad
-        want[name] = torch.cat([stand_in[n].grad for n in theirs_names])
+    got = {"output": ours.detach(), "hidden": ours_in.grad}
+    got.update({n: p.grad.clone() for n, p in layer.named_parameters()})
     dense.zero_grad(set_to_none=True)
+    if family in PACKAGE_FAMILIES:
+        block = StandInBlock(layer, cfg)
+        theirs_in = seen[0].transpose(0, 1).contiguous().requires_grad_()
+        theirs = PACKAGE[family][0](block, theirs_in)[0]
+        (theirs * probe_SBH.transpose(0, 1)).sum().backward()
+        stand_in = dict(block.named_parameters())
+        want = {"output": theirs.detach().transpose(0, 1), "hidden": theirs_in.grad.transpose(0, 1)}
+        for name, theirs_names in _package_names(cfg).items():
+            want[name] = torch.cat([stand_in[n].grad for n in theirs_names])
+    else:
+        want = _straight_through_oracle(layer, seen[0], probe_SBH, cfg.topk)
+    got = {name: got[name] for name in want}
 
     start_phase(dense, method)
     before = {n: p.detach().clone() for n, p in dense.named_parameters() if "router" in n}
@@ -112,6 +120,37 @@ def _densemixer(ckpt: str, family: str) -> dict:
     return {"losses": [loss.detach() for loss in losses], "routers": routers, "got": got,
             "want": want, "shared": bool(cfg.shared_expert_size), "step_loss": step_loss.item(),
             "router_names": sorted(before), "moved": moved}
+
+
+def _straight_through_oracle(layer, hidden_SBH, probe_SBH, topk: int) -> dict:
+    """DenseMixer's layer output and gradients from the formula, for a softmax-over-the-top-k
+    router with a bias (GPT-OSS): p = softmax over all logits, y = densemixer_combine (ratio
+    rule), computed with the layer's router tensors and its expert modules run one by one."""
+    import torch.nn.functional as F
+
+    from megatron_ec.moe.densemixer import densemixer_combine
+
+    hidden_TH = hidden_SBH.reshape(-1, hidden_SBH.shape[-1]).clone().requires_grad_()
+    router = layer.router
+    logits_TE = F.linear(hidden_TH.float(), router.weight.float(), router.bias.float())
+    slots_TK = logits_TE.topk(topk, dim=-1).indices
+    routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, slots_TK, True)
+    ones_T = hidden_TH.new_ones(hidden_TH.shape[0])
+    outputs_ETH = torch.stack([expert(hidden_TH, ones_T)[0]
+                               for expert in layer.experts.local_experts])
+    gates_TK = torch.softmax(logits_TE.gather(1, slots_TK), dim=-1)
+    sparse_TH = torch.einsum("tk,tkh->th", gates_TK,
+                             outputs_ETH.permute(1, 0, 2).gather(
+                                 1, slots_TK[..., None].expand(-1, -1, outputs_ETH.shape[-1])))
+    output_TH = densemixer_combine(sparse_TH.detach(), outputs_ETH, torch.softmax(logits_TE, -1),
+                                   routing_map_TE, renormalise_dense=True)
+    layer.zero_grad(set_to_none=True)
+    (output_TH * probe_SBH.reshape(output_TH.shape)).sum().backward()
+    want = {"output": output_TH.detach().view(hidden_SBH.shape),
+            "hidden": hidden_TH.grad.view(hidden_SBH.shape)}
+    want.update({n: p.grad.clone() for n, p in layer.named_parameters()})
+    layer.zero_grad(set_to_none=True)
+    return want
 
 
 def _esft(ckpt: str) -> dict:
@@ -180,8 +219,9 @@ def test_densemixer_on_the_converted_model(results, family):
     for name, (dense, sft) in result["routers"].items():
         assert not torch.equal(dense, sft), f"{family} {name}: no dense router gradient"
     assert_all_close_scaled(result["got"], result["want"], FP32_ORACLE,
-                            f"{family}: converted MoE layer vs the densemixer package")
+                            f"{family}: converted MoE layer vs its oracle")
     assert ("shared_experts.linear_fc1.weight" in result["got"]) == result["shared"]
+    assert any(name.startswith("experts.") for name in result["got"])
     assert result["want"]["router.weight"].abs().min() > 0  # dense: every expert's row moves
     assert torch.isfinite(torch.tensor(result["step_loss"]))
     assert sorted(result["moved"]) == result["router_names"], "a DenseMixer step left a router"

@@ -183,6 +183,13 @@ def test_other_methods_take_the_variance(one_rank, name):
     assert all(r.weight.main_grad.abs().max() > 0 for r in state.ec_routers(model))
 
 
+def test_orthogonality_is_refused_with_densemixer_experts(one_rank):
+    """DenseMixer builds its own experts: the orthogonality loss is a one-line build error."""
+    with pytest.raises(ValueError, match="densemixer brings its own experts"):
+        build_tiny(ParallelConfig(), method=make_method(
+            "densemixer", spec_losses={"orthogonality": 1.0}))
+
+
 def test_unweighted_experts_keep_outputs_and_keys(one_rank):
     """The orthogonality experts return what Megatron-Core's return; same state-dict keys."""
     plain, _ = build_tiny(ParallelConfig(), method=make_method("sft"))

@@ -61,8 +61,8 @@ def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
 class DenseMixerExperts(SequentialMLP):
     """Megatron-Core's SequentialMLP plus the unselected experts' straight-through router term."""
 
-    def __init__(self, num_local_experts, config, submodules=None, pg_collection=None,
-                 name=None, *, router: DenseMixerRouter) -> None:
+    def __init__(self, num_local_experts, config, pg_collection=None, name=None, *,
+                 router: DenseMixerRouter, submodules=None) -> None:
         if submodules is None:
             submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                        linear_fc2=RowParallelLinear)
@@ -100,10 +100,12 @@ class DenseMixerExperts(SequentialMLP):
                 permuted_hidden.detach(), hidden_TH[token_of_row].to(permuted_hidden.dtype)):
             raise RuntimeError("densemixer: dispatched rows are not in the expected token order "
                                "(a dispatcher this method was not built for)")
-        with torch.no_grad():
-            outputs_ETH = torch.stack([expert(hidden_TH.to(permuted_hidden.dtype))[0]
-                                       for expert in self.local_experts])
-        weights_TE = dense_gate_weights(scores_TE, routing_map_TE, routing_cfg.norm_topk_prob,
+        with torch.no_grad():  # unit per-token scale: E_e(h) with its fc2 bias, if any
+            hidden = hidden_TH.to(permuted_hidden.dtype)
+            ones_T = hidden.new_ones(hidden.shape[0])
+            outputs_ETH = torch.stack([expert(hidden, ones_T)[0] for expert in self.local_experts])
+        renormalise = routing_cfg.norm_topk_prob or routing_cfg.score_function == "softmax_topk"
+        weights_TE = dense_gate_weights(scores_TE, routing_map_TE, renormalise,
                                         routing_cfg.scaling_factor)
         weights_TE = torch.where(routing_map_TE, 0.0, weights_TE)[:, local]  # unselected only
         rows = torch.arange(num_rows, device=token_of_row.device)

@@ -48,6 +48,11 @@ from megatron_ec.moe.densemixer import dense_gate_weights
 from megatron_ec.moe.methods.base import Method, MethodConfig, MoEFacts
 from megatron_ec.moe.methods.registry import register
 
+SCORE_FUNCTIONS = ("softmax", "softmax_topk")
+"""p = softmax over all experts in both; `softmax_topk` (GPT-OSS: softmax over the k selected
+logits) is p / S on the selection, the renormalising rule."""
+
+
 @dataclass(frozen=True)
 class DenseMixerConfig(MethodConfig):
     """`method:` of DenseMixer: SFT with a dense straight-through router gradient."""
@@ -90,7 +95,7 @@ class DenseMixer(Method):
         self._pairing = _Pairing()
 
     def _check(self, facts: MoEFacts) -> None:
-        if facts.routing.score_function != "softmax":
+        if facts.routing.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"method densemixer needs softmax routing scores (METHODS.md s.5), "
                              f"not score_function={facts.routing.score_function!r}")
 
@@ -101,6 +106,22 @@ class DenseMixer(Method):
                                  policy=self.router_policy(), slots=self.dispatcher_slots(facts),
                                  record_scores=bool(self.config.spec_losses))
 
-    def experts_builder(self, facts: MoEFacts) -> Callable:
+    def experts_wrapper(self, facts: MoEFacts) -> Callable:
+        """DenseMixerExperts with the spec's local-expert submodules (a family's own fc2, e.g.
+        GPT-OSS's biased `ExpertRowParallelLinear`); Megatron-Core's local ones otherwise."""
         self._check(facts)
-        return self._pairing.build_experts
+        if "orthogonality" in self.config.spec_losses:
+            raise ValueError(f"method.spec_losses.orthogonality: method {self.name} brings its "
+                             "own experts; the orthogonality loss is not supported with it")
+        return functools.partial(_with_spec_submodules, self._pairing.build_experts)
+
+
+def _with_spec_submodules(build: Callable, spec_experts) -> Callable:
+    """`build` bound to the local MLP submodules of the spec's SequentialMLP builder, if it is
+    one (Transformer Engine's grouped experts have no per-expert MLP to reuse)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    if isinstance(spec_experts, functools.partial) and spec_experts.func is SequentialMLP \
+            and "submodules" in spec_experts.keywords:
+        return functools.partial(build, submodules=spec_experts.keywords["submodules"])
+    return build
