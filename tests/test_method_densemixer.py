@@ -286,3 +286,31 @@ def test_finetune_checkpoint_export_and_hf_restore(demo_start, tmp_path):  # noq
     assert isinstance(method, DenseMixer) and not method.changes_routing()
     model = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32)
     assert restore_condenser_routing(model, hf_out) == 0  # a plain model: routing unchanged
+
+
+def test_experts_keep_the_spec_submodules_or_fall_back_to_biased_safe_linears(one_rank):
+    """The spec's SequentialMLP submodules are kept (a family's fc2); grouped-GEMM specs (GPU)
+    fall back to local linears whose fc2 takes a bias (GPT-OSS) safely."""
+    import functools
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_ec.moe.densemixer_modules import DenseMixerExperts
+    from megatron_ec.moe.expert_linear import ExpertRowParallelLinear
+    from megatron_ec.moe.methods.densemixer import _with_spec_submodules
+
+    def build(*args, **kwargs):
+        return args, kwargs
+
+    marker = object()
+    bound = _with_spec_submodules(build, functools.partial(SequentialMLP, submodules=marker))
+    assert bound() == ((), {"submodules": marker})
+    assert _with_spec_submodules(build, functools.partial(nn.Linear, 2)) is build
+    _, dense = _pair(FAMILIES["olmoe"][1])
+    experts = dense.decoder.layers[MOE_LAYER].mlp.experts
+    assert isinstance(experts, DenseMixerExperts)
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    fallback = DenseMixerExperts(2, experts.config, pg_collection=get_default_pg_collection(),
+                                 router=dense.decoder.layers[MOE_LAYER].mlp.router)
+    assert all(isinstance(e.linear_fc2, ExpertRowParallelLinear) for e in fallback.local_experts)

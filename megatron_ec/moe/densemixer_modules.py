@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_ec.moe.densemixer import dense_gate_weights
+from megatron_ec.moe.expert_linear import ExpertRowParallelLinear
 from megatron_ec.moe.router import ECRouter
 
 
@@ -63,16 +64,12 @@ class DenseMixerExperts(SequentialMLP):
 
     def __init__(self, num_local_experts, config, pg_collection=None, name=None, *,
                  router: DenseMixerRouter, submodules=None) -> None:
-        if submodules is None:
+        if submodules is None:  # e.g. the spec's experts are grouped GEMM (GPU)
             submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                       linear_fc2=RowParallelLinear)
+                                       linear_fc2=ExpertRowParallelLinear)
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
                          name=name)
-        self.tp_ep_group = pg_collection.tp_ep if hasattr(pg_collection, "tp_ep") else None
-        if self.tp_ep_group is None:
-            from megatron.core import parallel_state as ps
-
-            self.tp_ep_group = ps.get_expert_tensor_and_model_parallel_group()
+        self.tp_ep_group = pg_collection.tp_ep
         self._router = _RouterRef(router)
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):

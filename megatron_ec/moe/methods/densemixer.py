@@ -108,7 +108,8 @@ class DenseMixer(Method):
 
     def experts_wrapper(self, facts: MoEFacts) -> Callable:
         """DenseMixerExperts with the spec's local-expert submodules (a family's own fc2, e.g.
-        GPT-OSS's biased `ExpertRowParallelLinear`); Megatron-Core's local ones otherwise."""
+        GPT-OSS's biased `ExpertRowParallelLinear`); otherwise Megatron-Core's local linears with
+        `ExpertRowParallelLinear` as fc2 (the same as RowParallelLinear without a bias)."""
         self._check(facts)
         if "orthogonality" in self.config.spec_losses:
             raise ValueError(f"method.spec_losses.orthogonality: method {self.name} brings its "
