@@ -4,8 +4,8 @@
 - One MoE layer of OUR model (Qwen2-MoE, Qwen3-MoE and OLMoE routing/shapes) against the
   `densemixer` 1.0.1 package's patched forwards on a stand-in block built from that layer's
   weights: output, router / expert / shared-expert / input gradients (FP32_ORACLE).
-- One multi-rank launch: TP2 (sequence parallel), TP2 with expert TP2, EP2 and TP2/EP2 (both
-  dispatchers) equal TP1/EP1 (FP32_LAYOUT); EP2 with expert TP2 is refused with its reason.
+- One multi-rank launch: TP2 (sequence parallel), TP2 with expert TP2, EP2, TP2/EP2 and
+  TP2/EP2 with expert TP2 (both dispatchers) equal TP1/EP1 (FP32_LAYOUT).
 - Checkpoint, export and HF restore: the export is a plain model (routing unchanged).
 """
 
@@ -201,13 +201,13 @@ def test_moe_layer_matches_the_densemixer_package(one_rank, family):
 
 LAYOUTS = [(1, 1, 1, "alltoall"), (2, 1, 1, "alltoall"), (2, 1, 2, "alltoall"),
            (2, 1, 2, "allgather"), (1, 2, 1, "alltoall"), (2, 2, 1, "alltoall"),
-           (2, 2, 1, "allgather")]
+           (2, 2, 1, "allgather"), (2, 2, 2, "alltoall"), (2, 2, 2, "allgather")]
 """(TP, EP, ETP, dispatcher) on 4 ranks; TP2 is sequence parallel."""
 LR, STEPS = 0.05, 2
 
 
 def densemixer_layouts_worker(tmp_dir):
-    """Per layout: (losses, last full gradients) of STEPS SGD steps; then the EP2 refusal."""
+    """Per layout: (losses, last full gradients) of STEPS SGD steps."""
     from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
     from megatron_ec.training.distributed import wrap_ddp
 
@@ -227,14 +227,6 @@ def densemixer_layouts_worker(tmp_dir):
             loss, grads = sgd_step(ddp, model, tiny_batch(seed=step), LR)
             losses.append(loss.item())
         results[(tp, ep, etp, dispatcher)] = (losses, grads)
-    refused = ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                             expert_tensor_parallel_size=2)
-    init_parallel(refused, seed=1)
-    try:
-        build_tiny(refused, method=make_method("densemixer"))
-        results["ep2"] = None
-    except ValueError as err:
-        results["ep2"] = str(err)
     return results
 
 
@@ -251,12 +243,6 @@ def test_tp_ep_and_expert_tp_layouts_match_tp1(layouts):
         assert_close_scaled(torch.tensor(losses), torch.tensor(ref_losses), FP32_LAYOUT,
                             f"{layout}: losses")
         assert_all_close_scaled(grads, ref_grads, FP32_LAYOUT, f"{layout}: grads")
-
-
-def test_ep_with_expert_tp_is_refused_with_its_reason(layouts):
-    from megatron_ec.moe.methods.densemixer import EP_LIMIT
-
-    assert layouts["ep2"].startswith(EP_LIMIT)  # Megatron-Core appends where it was built
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,3 +286,31 @@ def test_finetune_checkpoint_export_and_hf_restore(demo_start, tmp_path):  # noq
     assert isinstance(method, DenseMixer) and not method.changes_routing()
     model = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32)
     assert restore_condenser_routing(model, hf_out) == 0  # a plain model: routing unchanged
+
+
+def test_experts_keep_the_spec_submodules_or_fall_back_to_biased_safe_linears(one_rank):
+    """The spec's SequentialMLP submodules are kept (a family's fc2); grouped-GEMM specs (GPU)
+    fall back to local linears whose fc2 takes a bias (GPT-OSS) safely."""
+    import functools
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_ec.moe.densemixer_modules import DenseMixerExperts
+    from megatron_ec.moe.expert_linear import ExpertRowParallelLinear
+    from megatron_ec.moe.methods.densemixer import _with_spec_submodules
+
+    def build(*args, **kwargs):
+        return args, kwargs
+
+    marker = object()
+    bound = _with_spec_submodules(build, functools.partial(SequentialMLP, submodules=marker))
+    assert bound() == ((), {"submodules": marker})
+    assert _with_spec_submodules(build, functools.partial(nn.Linear, 2)) is build
+    _, dense = _pair(FAMILIES["olmoe"][1])
+    experts = dense.decoder.layers[MOE_LAYER].mlp.experts
+    assert isinstance(experts, DenseMixerExperts)
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    fallback = DenseMixerExperts(2, experts.config, pg_collection=get_default_pg_collection(),
+                                 router=dense.decoder.layers[MOE_LAYER].mlp.router)
+    assert all(isinstance(e.linear_fc2, ExpertRowParallelLinear) for e in fallback.local_experts)

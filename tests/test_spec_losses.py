@@ -4,8 +4,9 @@ Values and gradients through the trainer path (`forward_backward` with the metho
 `micro_batch_loss`) equal a naive per-token float64 loop on the same tiny model; the trainer's
 micro-batches carry a zero loss mask so that their gradient is the spec term alone (no task
 gradient to subtract). One 2-rank launch checks both terms at EP2 (orthogonality: its outputs
-travel home along the dispatcher's combine) and the variance at TP2 (sequence parallel) against
-EP1, with tokens whose experts sit on both EP ranks.
+travel home along the dispatcher's combine), at TP2 (sequence parallel) and at TP2 with expert
+TP2 (the outputs' fc2 shards summed by the combine's reduce-scatter) against EP1, with tokens
+whose experts sit on both EP ranks.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def test_config_validation():
         make_method("sft", spec_losses={"varience": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         make_method("condenser", spec_losses={"variance": -1.0})
-    with pytest.raises(ValueError, match="orthogonality supports only"):
-        check_layout({"orthogonality": 1e-4}, 2, 1, "none")
+    check_layout({"orthogonality": 1e-4}, 2, 1, "none", "allgather")  # TP2, experts local
     with pytest.raises(ValueError, match="token_dispatcher=alltoall"):
         check_layout({"orthogonality": 1e-4}, 1, 2, "none", "allgather")
+    with pytest.raises(ValueError, match="expert_tensor_parallel_size=2 needs parallel.token_dis"):
+        check_layout({"orthogonality": 1e-4}, 2, 1, "none", "allgather", 2)
+    check_layout({"orthogonality": 1e-4}, 2, 1, "none", "alltoall", 2)
     check_layout({"orthogonality": 1e-4}, 1, 2, "none", "alltoall")
     with pytest.raises(ValueError, match="recompute=none"):
         check_layout({"variance": 1e-3}, 1, 1, "selective")
@@ -180,6 +183,13 @@ def test_other_methods_take_the_variance(one_rank, name):
     assert all(r.weight.main_grad.abs().max() > 0 for r in state.ec_routers(model))
 
 
+def test_orthogonality_is_refused_with_densemixer_experts(one_rank):
+    """DenseMixer builds its own experts: the orthogonality loss is a one-line build error."""
+    with pytest.raises(ValueError, match="densemixer brings its own experts"):
+        build_tiny(ParallelConfig(), method=make_method(
+            "densemixer", spec_losses={"orthogonality": 1.0}))
+
+
 def test_unweighted_experts_keep_outputs_and_keys(one_rank):
     """The orthogonality experts return what Megatron-Core's return; same state-dict keys."""
     plain, _ = build_tiny(ParallelConfig(), method=make_method("sft"))
@@ -195,9 +205,9 @@ def test_unweighted_experts_keep_outputs_and_keys(one_rank):
 
 # --- two ranks: EP2 and TP2 (sequence parallel) vs EP1 --------------------------------------
 
-LAYOUTS = [(1, 1), (1, 2), (2, 1)]
+LAYOUTS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 1, 2)]
 LOSSES = {"variance": {"variance": 1.0}, "both": WEIGHTS}
-"""Variance alone at every layout; both losses at TP1 (orthogonality: TP1 only)."""
+"""(TP, EP, expert TP): variance alone and both losses at every layout."""
 
 
 def _layout_worker(tmp_dir):
@@ -207,19 +217,18 @@ def _layout_worker(tmp_dir):
     from megatron_ec.models.layout import full_tensors
 
     results = {}
-    for tp, ep in LAYOUTS:
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    for tp, ep, etp in LAYOUTS:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                  expert_tensor_parallel_size=etp)
         init_parallel(parallel, seed=11)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         # the same 4 micro-batches in every layout: 2 per rank at DP2, all 4 at DP1
         seeds = range(20, 24) if dp_size == 1 else range(20 + dp_rank, 24, 2)
         batches = [_aux_only(tiny_batch(seed=s)) for s in seeds]
         for key, weights in LOSSES.items():
-            if "orthogonality" in weights and tp > 1:
-                continue
             method = method_from_record(method_record(make_method("sft", spec_losses=weights)))
             model, tcfg = build_tiny(parallel, method=method)
-            if (tp, ep) == (1, 1) and key == "variance":
+            if (tp, ep, etp) == (1, 1, 1) and key == "variance":
                 _scale_experts(model)
                 save_model_weights(model, f"{tmp_dir}/w")
             else:
@@ -232,35 +241,33 @@ def _layout_worker(tmp_dir):
             method.after_optimizer_step(model)
             grads = full_tensors(model, lambda p: p.main_grad)
             split = 0
-            if (tp, ep) == (1, 1):  # tokens whose two experts sit on different EP2 ranks
+            if (tp, ep, etp) == (1, 1, 1):  # tokens whose two experts sit on different EP2 ranks
                 for batch in batches:
                     forward_loss(model, batch)
                     for router in state.ec_routers(model):
                         owner = router.take_spec_record()[2].nonzero()[:, 1] // 3  # 3 per rank
                         split += int((owner.view(-1, 2).sum(dim=1) == 1).sum())
             spec = {k: v for k, v in method.metrics(model).items() if k.startswith("spec/")}
-            results[(key, tp, ep)] = (grads, spec, split)
+            results[(key, tp, ep, etp)] = (grads, spec, split)
     return results
 
 
 def test_spec_losses_layouts_match():
-    """Variance at EP2 (DP2) and TP2 (sequence parallel) and orthogonality at EP2 equal EP1."""
+    """Both terms at EP2 (DP2), TP2 (sequence parallel) and TP2 / expert TP2 equal TP1/EP1."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         per_rank = run_on_ranks(_layout_worker, world_size=2, args=(tmp_dir,), timeout=600)
     for key in LOSSES:
-        ref_grads, ref_spec, split = per_rank[0][(key, 1, 1)]
+        ref_grads, ref_spec, split = per_rank[0][(key, 1, 1, 1)]
         assert split > 0, "no token has its experts on two EP ranks"
         assert set(ref_spec) == {f"spec/{name}" for name in LOSSES[key]}
         assert ref_spec.get("spec/orthogonality", 1.0) > 1e-2
         assert any("router" in n and g.abs().max() > 0 for n, g in ref_grads.items())
         for rank, results in enumerate(per_rank):
             for layout in LAYOUTS:
-                if (key, *layout) not in results:
-                    continue
                 grads, spec, _ = results[(key, *layout)]
-                where = f"{key}, (TP, EP) {layout}, rank {rank}"
+                where = f"{key}, (TP, EP, ETP) {layout}, rank {rank}"
                 for name, value in spec.items():
                     assert_close_scaled(torch.tensor(value), torch.tensor(ref_spec[name]),
                                         FP32_LAYOUT, f"{where}: {name}")
@@ -293,5 +300,7 @@ def test_finetune_logs_spec_losses(demo_start, tmp_path):  # noqa: F811
     assert saved.config.spec_losses == {"variance": 1e-3, "orthogonality": 1e-4}
 
     refused = run_cli("megatron_ec.finetune", args[:-2] + [
-        "parallel.tensor_model_parallel_size=2", args[-1]], nproc=1, timeout=300)
-    assert refused.returncode == 2 and "orthogonality supports only" in refused.stderr
+        "parallel.expert_model_parallel_size=2", "parallel.token_dispatcher=allgather", args[-1]],
+        nproc=1, timeout=300)
+    assert refused.returncode == 2 and "needs parallel.token_dispatcher=alltoall" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr

@@ -1,13 +1,6 @@
-"""Routed-expert pieces the local (SequentialMLP) backend needs for biased experts (GPT-OSS).
-
-MCore 0.19.2's expert `MLP.forward` adds the routing-weighted fc2 bias IN PLACE
-(`output += output_bias * per_token_scale`, `transformer/mlp.py`). With expert-TP 1 the fc2
-output is `_ReduceFromModelParallelRegion`'s pass-through of its input, a view that autograd
-forbids modifying in place, so any biased expert fails in a training forward. And
-`RowParallelLinear` marks its bias `sequence_parallel` whenever the model is, so
-`finalize_model_grads` sums an expert's fc2-bias gradient over the TP group on top of the
-expert-data-parallel reduction that already covers those ranks: the gradient comes out TP times
-too large (found by the GPT-OSS parity test at TP2). `ExpertRowParallelLinear` fixes both.
+"""Routed-expert pieces the local (SequentialMLP) backend needs for biased experts (GPT-OSS):
+the family spec's SequentialMLP experts get `ExpertRowParallelLinear` (`megatron_ec.moe.
+expert_linear`, which says why) as fc2.
 """
 
 from __future__ import annotations
@@ -15,22 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from megatron.core.tensor_parallel.layers import RowParallelLinear
-
-
-class ExpertRowParallelLinear(RowParallelLinear):
-    """Expert fc2 `RowParallelLinear`: its bias is not a sequence-parallel parameter (experts see
-    dispatched tokens, not a TP rank's sequence chunk), and its output may be modified in place
-    when its bias is returned separately (`skip_bias_add`, as MCore builds expert fc2)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.bias is not None:
-            self.bias.sequence_parallel = False
-
-    def forward(self, input_, *args, **kwargs):
-        output, bias = super().forward(input_, *args, **kwargs)
-        return (output.clone() if bias is not None else output), bias
+from megatron_ec.moe.expert_linear import ExpertRowParallelLinear
 
 
 def _is_local_experts(experts) -> bool:

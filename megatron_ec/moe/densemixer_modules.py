@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_ec.moe.densemixer import dense_gate_weights
+from megatron_ec.moe.expert_linear import ExpertRowParallelLinear
 from megatron_ec.moe.router import ECRouter
 
 
@@ -61,17 +62,14 @@ def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
 class DenseMixerExperts(SequentialMLP):
     """Megatron-Core's SequentialMLP plus the unselected experts' straight-through router term."""
 
-    def __init__(self, num_local_experts, config, submodules=None, pg_collection=None,
-                 name=None, *, router: DenseMixerRouter) -> None:
-        if submodules is None:
+    def __init__(self, num_local_experts, config, pg_collection=None, name=None, *,
+                 router: DenseMixerRouter, submodules=None) -> None:
+        if submodules is None:  # e.g. the spec's experts are grouped GEMM (GPU)
             submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                       linear_fc2=RowParallelLinear)
+                                       linear_fc2=ExpertRowParallelLinear)
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
                          name=name)
-        if self.ep_group.size() > 1 and self.tp_group.size() > 1:
-            from megatron_ec.moe.methods.densemixer import EP_LIMIT
-
-            raise ValueError(EP_LIMIT)
+        self.tp_ep_group = pg_collection.tp_ep
         self._router = _RouterRef(router)
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
@@ -86,8 +84,7 @@ class DenseMixerExperts(SequentialMLP):
         """[rows, H] of zeros whose backward gives the router the unselected experts' term
         (EP1), or the EP tap's input passed through (EP>1, `_EPRouterTap`)."""
         hidden_TH, scores_TE, routing_map_TE = stash
-        group = self.ep_group if self.ep_group.size() > 1 else self.tp_group
-        if group.size() > 1:  # the dispatcher gathered the tokens over expert TP (or EP)
+        for group in self._gather_groups():  # the tokens in the dispatcher's gathered order
             scores_TE = gather_from_sequence_parallel_region(scores_TE, group=group)
             routing_map_TE = _gather_rows(routing_map_TE, group)
             hidden_TH = _gather_rows(hidden_TH, group)
@@ -100,34 +97,48 @@ class DenseMixerExperts(SequentialMLP):
                 permuted_hidden.detach(), hidden_TH[token_of_row].to(permuted_hidden.dtype)):
             raise RuntimeError("densemixer: dispatched rows are not in the expected token order "
                                "(a dispatcher this method was not built for)")
-        with torch.no_grad():
-            outputs_ETH = torch.stack([expert(hidden_TH.to(permuted_hidden.dtype))[0]
-                                       for expert in self.local_experts])
-        weights_TE = dense_gate_weights(scores_TE, routing_map_TE, routing_cfg.norm_topk_prob,
+        with torch.no_grad():  # unit per-token scale: E_e(h) with its fc2 bias, if any
+            hidden = hidden_TH.to(permuted_hidden.dtype)
+            ones_T = hidden.new_ones(hidden.shape[0])
+            outputs_ETH = torch.stack([expert(hidden, ones_T)[0] for expert in self.local_experts])
+        renormalise = routing_cfg.norm_topk_prob or routing_cfg.score_function == "softmax_topk"
+        weights_TE = dense_gate_weights(scores_TE, routing_map_TE, renormalise,
                                         routing_cfg.scaling_factor)
         weights_TE = torch.where(routing_map_TE, 0.0, weights_TE)[:, local]  # unselected only
         rows = torch.arange(num_rows, device=token_of_row.device)
         first_row_T = torch.full((num_tokens,), num_rows, dtype=rows.dtype, device=rows.device)
         first_row_T = first_row_T.scatter_reduce(0, token_of_row, rows, "amin")
         if self.ep_group.size() > 1:
-            # the lowest EP rank holding one of the token's rows hands its dL/dy to all
+            # the lowest EP rank holding one of the token's rows (its first expert-TP rank:
+            # every expert-TP rank holds the same rows) hands its dL/dy to all
             owner_E = torch.arange(routing_map_TE.shape[1], device=rows.device) \
                 // self.num_local_experts
             holder_T = torch.where(routing_map_TE, owner_E, self.ep_group.size()).amin(dim=1)
-            mine_T = holder_T == self.ep_group.rank()
+            mine_T = (holder_T == self.ep_group.rank()) & (self.tp_group.rank() == 0)
             return _EPRouterTap.apply(permuted_hidden.new_zeros(permuted_hidden.shape),
                                       weights_TE, outputs_ETH, first_row_T, mine_T,
-                                      self.ep_group)
+                                      self.tp_ep_group)
         extra_TH = torch.einsum("te,eth->th", weights_TE.to(outputs_ETH.dtype), outputs_ETH)
         zero_TH = extra_TH - extra_TH.detach()
         return torch.zeros_like(permuted_hidden).index_add(0, first_row_T, zero_TH.to(
             permuted_hidden.dtype))
 
 
+    def _gather_groups(self) -> list:
+        """The groups the dispatcher gathered this layer's tokens over, in its order: the
+        alltoall dispatcher's all-to-all over EP, then its all-gather over expert TP (sources
+        expert-TP-major); the allgather dispatcher's one gather over expert TP x EP."""
+        ep, tp = self.ep_group.size() > 1, self.tp_group.size() > 1
+        if ep and tp and self.config.moe_token_dispatcher_type == "allgather":
+            return [self.tp_ep_group]
+        return [group for group, used in ((self.ep_group, ep), (self.tp_group, tp)) if used]
+
+
 class _EPRouterTap(torch.autograd.Function):
     """Under EP: zeros [rows, H] added to the expert rows; in the backward, dL/dy of every token
-    of the EP group (from a row of it, all-reduced over EP) times this rank's unselected local
-    expert outputs is the gradient of their weights p~ [T_ep, E_local]."""
+    of the expert TP x EP group (from a row of it, all-reduced over the group) times this rank's
+    unselected local expert outputs (its fc2 shard's part under expert TP) is the gradient of
+    their weights p~ [T_gathered, E_local]."""
 
     @staticmethod
     def forward(ctx, zeros_RH, weights_TE, outputs_ETH, first_row_T, mine_T, group):

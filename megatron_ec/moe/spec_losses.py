@@ -10,27 +10,35 @@ Variance (any layout): every `ECRouter` built with `record_scores=True` keeps, p
 forward that builds a graph, softmax(logits) over all E experts [T, E] (with its graph), the
 real-token mask and the routing map of its own tokens (`ECRouter.spec_record`).
 
-Orthogonality (TP1; EP > 1 with the alltoall dispatcher): the experts of every MoE layer are
+Orthogonality (any TP; EP > 1 or expert TP > 1 with the alltoall dispatcher): the experts of
+every MoE layer are
 Megatron-Core's own class with `UnweightedOutputs` mixed in (`with_unweighted_outputs`, through
 `MoESubmodules.experts`): they run with probs = 1, keep that unweighted output [rows, H]
 (`spec_outputs`, on the expert's rank, in the dispatched order) and return it times the probs,
 which is what Megatron-Core computes (its experts scale the activation before the bias-free fc2
 by the prob). After the forward, `micro_batch_loss` sends those rows home along the dispatcher's
-own combine path: `combine_preprocess` (un-sort by local expert) and `token_combine` (the
-all-to-all back, with the splits the forward's dispatch recorded), both side-effect free and
-autograd-aware; it stops before `combine_postprocess`, whose `unpermute` would sum a token's K
-rows. On the token's rank the rows are then in the order of the dispatcher's `permute`
-(expert-major, tokens ascending within an expert: `routing_map.T.nonzero()`), so sorting them
-by token gives [T, K, H] aligned with the routing. The extra all-to-all is collective: every EP
-rank runs it per MoE layer, in layer order, in `micro_batch_loss`. At EP1 the rows need no
-transport (any dispatcher). TP > 1, or EP > 1 with another dispatcher, is a one-line config
-error (`check_layout`).
+own combine path: `combine_preprocess` (un-sort by local expert; under expert TP the
+reduce-scatter that sums the fc2 shards' partial outputs and returns each sequence-parallel
+rank its own tokens) and `token_combine` (the all-to-all back, with the splits the forward's
+dispatch recorded), both side-effect free and autograd-aware; it stops before
+`combine_postprocess`, whose `unpermute` would sum a token's K rows. On the token's rank the
+rows are then complete and in the order of the dispatcher's `permute` (expert-major, tokens
+ascending within an expert: `routing_map.T.nonzero()`), so sorting them by token gives
+[T, K, H] aligned with the routing. The extra reduce-scatter / all-to-all is collective: every
+rank of the expert TP x EP group runs it per MoE layer, in layer order, in `micro_batch_loss`.
+At EP1 and expert TP1 the rows need no transport (any dispatcher; with TP > 1 and expert TP1
+each rank's experts ran on its own sequence-parallel tokens). EP > 1 or expert TP > 1 with the
+allgather dispatcher is a one-line config error (`check_layout`): its `combine_preprocess`
+already sums a token's K rows on the expert side.
 
 Normalisation (ours): each term is the mean over MoE layers of the per-layer loss (means over
 the real tokens of the micro-batch), so the weights do not scale with depth. Under sequence
 parallelism a TP rank holds a slice of the tokens and the router's gradient is summed over TP:
 the variance term divides its local sum by the real tokens of the whole TP group (one small
-all-reduce per micro-batch), so the summed gradient is that of the full micro-batch's mean.
+all-reduce per micro-batch), so the summed gradient is that of the full micro-batch's mean; the
+orthogonality term does the same with its rank's tokens (Megatron-Core sums the expert
+gradients of the sequence-parallel ranks over the expert data-parallel group, and the expert-TP
+reduce-scatter's backward hands every shard the gradient of every rank's share).
 """
 
 from __future__ import annotations
@@ -59,18 +67,21 @@ def check_weights(weights: dict) -> None:
 
 
 def check_layout(weights: dict, tensor_parallel: int, expert_parallel: int,
-                 recompute: str, dispatcher: str = "alltoall") -> None:
-    """ValueError (one line) for a layout the configured losses do not support."""
+                 recompute: str, dispatcher: str = "alltoall",
+                 expert_tensor_parallel: int = 1) -> None:
+    """ValueError (one line) for a layout the configured losses do not support.
+
+    `tensor_parallel` is accepted for the callers' symmetry: every TP size is supported.
+    """
+    del tensor_parallel
     if weights and recompute != "none":
         raise ValueError(f"method.spec_losses needs train.recompute=none (got {recompute!r}): a "
                          "recomputed MoE layer builds its graph only in the backward")
-    if "orthogonality" in weights and tensor_parallel > 1:
-        raise ValueError("method.spec_losses.orthogonality supports only "
-                         f"parallel.tensor_model_parallel_size=1 (got {tensor_parallel}); drop it "
-                         "or use TP1")
-    if "orthogonality" in weights and expert_parallel > 1 and dispatcher != "alltoall":
+    spread = expert_parallel > 1 or expert_tensor_parallel > 1
+    if "orthogonality" in weights and spread and dispatcher != "alltoall":
         raise ValueError("method.spec_losses.orthogonality with parallel.expert_model_parallel_size"
-                         f"={expert_parallel} needs parallel.token_dispatcher=alltoall (got "
+                         f"={expert_parallel}, expert_tensor_parallel_size="
+                         f"{expert_tensor_parallel} needs parallel.token_dispatcher=alltoall (got "
                          f"{dispatcher!r})")
 
 
@@ -133,12 +144,18 @@ def _global_count(local: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     return local
 
 
+def rank_share(mean: torch.Tensor, real_T: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """This rank's share of a per-token mean: its real tokens' sum over the group's real tokens
+    (the TP ranks' shares sum to the micro-batch's mean under sequence parallelism)."""
+    count = real_T.sum().to(mean.dtype)
+    total = _global_count(count.detach(), sequence_parallel)
+    return mean * count / total.clamp(min=1.0)
+
+
 def layer_variance(scores_TE: torch.Tensor, real_T: torch.Tensor,
                    sequence_parallel: bool) -> torch.Tensor:
-    """This rank's share of the layer's L_v: its real tokens' sum over the group's real tokens."""
-    count = real_T.sum().to(scores_TE.dtype)
-    total = _global_count(count.detach(), sequence_parallel)
-    return variance_loss(scores_TE, real_T) * count / total.clamp(min=1.0)
+    """This rank's share of the layer's L_v."""
+    return rank_share(variance_loss(scores_TE, real_T), real_T, sequence_parallel)
 
 
 def rows_on_token_rank(layer, rows_NH: torch.Tensor) -> torch.Tensor:
@@ -146,14 +163,12 @@ def rows_on_token_rank(layer, rows_NH: torch.Tensor) -> torch.Tensor:
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     dispatcher = layer.token_dispatcher
-    if dispatcher.tp_size > 1:
-        raise RuntimeError("orthogonality: expert tensor parallelism is not supported")
-    if dispatcher.ep_size == 1:
+    if dispatcher.ep_size == 1 and dispatcher.tp_size == 1:
         return rows_NH
     if not isinstance(dispatcher, MoEAlltoAllTokenDispatcher) or \
             dispatcher.shared_experts is not None or dispatcher.drop_and_pad:
-        raise RuntimeError("orthogonality under EP needs the alltoall dispatcher without "
-                           "shared-expert overlap or capacity padding")
+        raise RuntimeError("orthogonality under EP or expert TP needs the alltoall dispatcher "
+                           "without shared-expert overlap or capacity padding")
     return dispatcher.token_combine(dispatcher.combine_preprocess(rows_NH))
 
 
@@ -193,7 +208,9 @@ def micro_batch_terms(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
                 raise RuntimeError(f"layer {router.layer_index}: no expert outputs recorded")
             outputs_TKH, ids_TK = group_per_token(rows_on_token_rank(layer, outputs),
                                                   routing_map_TE)
-            per_layer["orthogonality"].append(orthogonality_loss(outputs_TKH, ids_TK, real_T))
+            per_layer["orthogonality"].append(rank_share(
+                orthogonality_loss(outputs_TKH, ids_TK, real_T), real_T,
+                router.config.sequence_parallel))
     return {name: torch.stack(values).mean() for name, values in per_layer.items() if values}
 
 
@@ -227,14 +244,11 @@ class SpecLossMeter:
             tp = ps.get_tensor_model_parallel_world_size()
         values = stats.tolist()
         # each TP rank added its own micro-batch count: the DP x micro-batch count is count / tp;
-        # the variance's TP shares sum to the micro-batch value, TP-replicated terms count tp times
+        # every term is a TP share (`rank_share`): the shares sum to the micro-batch value
         count = values[-1] / tp
         self.last = {}
         if count > 0:
             for index, name in enumerate(self.names):
-                value = values[index] / count
-                if name != "variance":
-                    value /= tp  # replicated on every TP rank (orthogonality: TP1 anyway)
-                self.last[f"spec/{name}"] = value
+                self.last[f"spec/{name}"] = values[index] / count
         self.sums = None
         self.count = 0

@@ -171,7 +171,7 @@ class FinetuneConfig:
         self.method.check_for_training()
         check_layout(self.method.spec_losses, self.parallel.tensor_model_parallel_size,
                      self.parallel.expert_model_parallel_size, self.train.recompute,
-                     self.parallel.token_dispatcher)
+                     self.parallel.token_dispatcher, self.parallel.expert_tensor_parallel_size)
 
 
 def describe(cfg: Any) -> str:

@@ -58,7 +58,7 @@ class MethodConfig:
     {variance: w_v, orthogonality: w_o}, e.g. {variance: 1.0e-3, orthogonality: 1.0e-4} (the
     paper's weights); {} = off. Each term is a mean over the real tokens of a micro-batch and over
     the MoE layers, added per micro-batch (see `megatron_ec/moe/spec_losses.py`); orthogonality
-    needs TP1 (and the alltoall dispatcher under EP), both need train.recompute=none. Logged as
+    needs the alltoall dispatcher under EP or expert TP, both need train.recompute=none. Logged as
     spec/variance, spec/orthogonality."""
 
     def __post_init__(self) -> None:

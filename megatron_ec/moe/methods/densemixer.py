@@ -29,11 +29,11 @@ Where it enters Megatron-Core's MoE layer, through the two seams only (no fork):
 TP: with ETP1 every rank's experts see its own sequence-parallel tokens; with ETP>1 the scores and
 maps are gathered over the expert-TP group like the dispatcher gathers tokens, each rank adds its
 partial c (its fc2 shard), and the scores' gather backward (a reduce-scatter) sums the partial
-router gradients. EP>1 (with ETP1): hidden states, scores and maps are gathered over EP, each rank
-runs its local experts on all EP·T tokens, and a zero-valued tap on the expert rows
-(`_EPRouterTap`) all-reduces dL/dy over EP in the backward, so every rank can form its unselected
-local experts' router term; the scores' gather returns it to the token owners. EP with ETP>1 is
-refused (docs/BASELINES.md).
+router gradients. EP>1: hidden states, scores and maps are gathered over EP (and expert TP, in
+the dispatcher's order), each rank runs its local experts (its fc2 shard of them) on all
+gathered tokens, and a zero-valued tap on the expert rows (`_EPRouterTap`) all-reduces dL/dy over
+expert TP x EP in the backward, so every rank can form its unselected local experts' (partial)
+router term; the scores' gathers return (and sum) it to the token owners.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from megatron_ec.moe.densemixer import dense_gate_weights
 from megatron_ec.moe.methods.base import Method, MethodConfig, MoEFacts
 from megatron_ec.moe.methods.registry import register
 
-EP_LIMIT = ("method densemixer: expert_model_parallel_size > 1 needs "
-            "expert_tensor_parallel_size=1 (its dense router gradient gathers every token over "
-            "one group, EP or expert TP; docs/BASELINES.md)")
+SCORE_FUNCTIONS = ("softmax", "softmax_topk")
+"""p = softmax over all experts in both; `softmax_topk` (GPT-OSS: softmax over the k selected
+logits) is p / S on the selection, the renormalising rule."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class DenseMixer(Method):
         self._pairing = _Pairing()
 
     def _check(self, facts: MoEFacts) -> None:
-        if facts.routing.score_function != "softmax":
+        if facts.routing.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"method densemixer needs softmax routing scores (METHODS.md s.5), "
                              f"not score_function={facts.routing.score_function!r}")
 
@@ -106,6 +106,23 @@ class DenseMixer(Method):
                                  policy=self.router_policy(), slots=self.dispatcher_slots(facts),
                                  record_scores=bool(self.config.spec_losses))
 
-    def experts_builder(self, facts: MoEFacts) -> Callable:
+    def experts_wrapper(self, facts: MoEFacts) -> Callable:
+        """DenseMixerExperts with the spec's local-expert submodules (a family's own fc2, e.g.
+        GPT-OSS's biased `ExpertRowParallelLinear`); otherwise Megatron-Core's local linears with
+        `ExpertRowParallelLinear` as fc2 (the same as RowParallelLinear without a bias)."""
         self._check(facts)
-        return self._pairing.build_experts
+        if "orthogonality" in self.config.spec_losses:
+            raise ValueError(f"method.spec_losses.orthogonality: method {self.name} brings its "
+                             "own experts; the orthogonality loss is not supported with it")
+        return functools.partial(_with_spec_submodules, self._pairing.build_experts)
+
+
+def _with_spec_submodules(build: Callable, spec_experts) -> Callable:
+    """`build` bound to the local MLP submodules of the spec's SequentialMLP builder, if it is
+    one (Transformer Engine's grouped experts have no per-expert MLP to reuse)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    if isinstance(spec_experts, functools.partial) and spec_experts.func is SequentialMLP \
+            and "submodules" in spec_experts.keywords:
+        return functools.partial(build, submodules=spec_experts.keywords["submodules"])
+    return build
