@@ -36,7 +36,9 @@ def layer_counts(loaded, rows: list[list[int]], batch_size: int) -> dict[int, di
     num_experts = {layer: block.experts.num_experts if hasattr(block.experts, "num_experts")
                    else getattr(block, recorder.gate_attr).weight.shape[0]
                    for layer, block in recorder.blocks.items()}
-    counts = {layer: torch.zeros(n, dtype=torch.int64) for layer, n in num_experts.items()}
+    # Host totals: one small copy per layer and batch, off any hot path.
+    counts = {layer: torch.zeros(n, dtype=torch.int64, device="cpu")
+              for layer, n in num_experts.items()}
     tokens = 0
     with recorder:
         for batch in inputs.batches(rows, batch_size, inputs.pad_id_of(loaded)):

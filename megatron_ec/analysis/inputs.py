@@ -124,10 +124,11 @@ def batches(rows: list[list[int]], batch_size: int, pad_id: int) -> Iterator[Bat
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(row) for row in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        # Host batches, as the data pipeline's: `capture.forward` moves them to the model.
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device="cpu")
         for index, row in enumerate(chunk):
-            input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+            input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long, device="cpu")
             mask[index, :len(row)] = 1
         yield Batch(input_ids, mask)
 
