@@ -12,7 +12,7 @@ import torch
 
 from megatron_ec import analyze
 
-LIMIT = 6
+LIMIT = 4
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def dirs(tmp_path_factory):
     from tools.make_tiny_model import make_tiny_qwen2_moe
 
     root = tmp_path_factory.mktemp("analyze")
-    train, _ = write_demo_data(str(root / "demo"), num_train=60, num_heldout=1)
+    train, _ = write_demo_data(str(root / "demo"), num_train=20, num_heldout=1)
     base = make_tiny_qwen2_moe(str(root / "base"), [train], seed=3)
     tuned = root / "tuned"
     shutil.copytree(base, tuned)
@@ -86,6 +86,12 @@ def per_conversation(hf_dir: str, data: str):
     return loaded.model, seen
 
 
+@pytest.fixture(scope="module")
+def naive(dirs):
+    """`per_conversation` of the base and the fine-tuned model, run once for the module."""
+    return {name: per_conversation(dirs[name], dirs["data"]) for name in ("base", "tuned")}
+
+
 def test_a_missing_subcommand_module_and_bad_input_fail_in_one_line(tmp_path, capsys,
                                                                     monkeypatch):
     monkeypatch.setattr(analyze, "SUBCOMMANDS", analyze.SUBCOMMANDS + ("not_built",))
@@ -98,15 +104,15 @@ def test_a_missing_subcommand_module_and_bad_input_fail_in_one_line(tmp_path, ca
     assert code == 2 and err.count("\n") == 1 and "expert_grad_norms.jsonl" in err
 
 
-def test_activation_counts_match_a_per_conversation_loop(dirs, tmp_path, capsys):
+def test_activation_counts_match_a_per_conversation_loop(dirs, naive, tmp_path, capsys):
     out = tmp_path / "activation"
     code, err = run_cli(["activation", "--models", dirs["base"], dirs["tuned"], "--labels",
                          "SFT", "EC", "--data", dirs["data"], "--limit", str(LIMIT),
                          "--batch-size", "4", "--out", str(out)], capsys)
     assert code == 0, err
     report = json.loads((out / "activation.json").read_text())
-    for model_report, hf_dir in zip(report["models"], (dirs["base"], dirs["tuned"])):
-        _, seen = per_conversation(hf_dir, dirs["data"])
+    for model_report, name in zip(report["models"], ("base", "tuned")):
+        _, seen = naive[name]
         for layer, summary in model_report["layers"].items():
             counts, tokens = [0] * 8, 0
             for conversation in seen:
@@ -129,10 +135,9 @@ def test_activation_counts_match_a_per_conversation_loop(dirs, tmp_path, capsys)
         assert_png(figure)
 
 
-def _naive_divergence(dirs) -> dict[int, tuple[float, float]]:
+def _naive_divergence(naive) -> dict[int, tuple[float, float]]:
     """{layer: (mean KL, relative output divergence)} with each model on its own hidden states."""
-    base_model, base_seen = per_conversation(dirs["base"], dirs["data"])
-    tuned_model, tuned_seen = per_conversation(dirs["tuned"], dirs["data"])
+    (base_model, base_seen), (tuned_model, tuned_seen) = naive["base"], naive["tuned"]
     result = {}
     for layer in base_seen[0]:
         kl = diff = norm = 0.0
@@ -153,7 +158,7 @@ def _naive_divergence(dirs) -> dict[int, tuple[float, float]]:
     return result
 
 
-def test_router_kl_and_output_divergence_match_a_loop(dirs, tmp_path, capsys):
+def test_router_kl_and_output_divergence_match_a_loop(dirs, naive, tmp_path, capsys):
     reports = {}
     for mode in ("own", "base"):
         out = tmp_path / mode
@@ -165,8 +170,7 @@ def test_router_kl_and_output_divergence_match_a_loop(dirs, tmp_path, capsys):
         reports[mode] = json.loads((out / "router_kl.json").read_text())
         for figure in reports[mode]["figures"]:
             assert_png(figure)
-    naive = _naive_divergence(dirs)
-    for layer, (kl, relative) in naive.items():
+    for layer, (kl, relative) in _naive_divergence(naive).items():
         got = reports["own"]["models"][0]["layers"][str(layer)]
         # fp32 forwards, batched and padded vs one at a time: fp32 noise, relative
         assert math.isclose(got["router_kl"], kl, rel_tol=1e-4), (layer, got, kl)
