@@ -95,3 +95,52 @@ def test_norms_equal_a_direct_computation_at_every_layout(results):
             assert all(n is not None for n in norms[layer])
             assert_close_scaled(torch.tensor(norms[layer]), torch.tensor(oracle[layer]),
                                 FP32_LAYOUT, f"{layout} layer {layer}")
+
+
+def _with_grad(*shape: int, seed: int) -> torch.nn.Parameter:
+    param = torch.nn.Parameter(torch.zeros(*shape))
+    param.main_grad = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return param
+
+
+def test_stacked_and_indexed_expert_tensors_split_per_expert():
+    """GPU layouts on the host: legacy GroupedMLP's stacked weight1 [H, E_local * 2F] / weight2
+    [E_local * F, H] and TEGroupedMLP's linear_fc*.weight<i>, whole and through a partial
+    (distributed-optimizer) element range, against a loop over the elements."""
+    from types import SimpleNamespace
+
+    from megatron_ec.training.expert_grad_norms import _expert_tensors
+
+    hidden, ffn, experts = 3, 2, [4, 5]  # global ids of this rank's two local experts
+    stacked = torch.nn.Module()
+    stacked.weight1 = _with_grad(hidden, 2 * 2 * ffn, seed=1)
+    stacked.weight2 = _with_grad(2 * ffn, hidden, seed=2)
+    indexed = torch.nn.Module()
+    indexed.linear_fc1 = torch.nn.Module()
+    indexed.linear_fc1.weight0 = _with_grad(2 * ffn, hidden, seed=3)
+    indexed.linear_fc1.weight1 = _with_grad(2 * ffn, hidden, seed=4)
+
+    def owner(name, flat_index, shape):
+        """Local expert of one element, from the layouts' definitions."""
+        row, col = divmod(flat_index, shape[1])
+        if name == "weight1":
+            return col // (2 * ffn)
+        if name == "weight2":
+            return row // ffn
+        return int(name[-1])
+
+    for module in (stacked, indexed):
+        tensors = _expert_tensors(0, SimpleNamespace(experts=module, local_expert_indices=experts))
+        names = dict((id(p), n) for n, p in module.named_parameters())
+        assert len(tensors) == 2
+        for tensor in tensors:
+            numel = tensor.param.numel()
+            for owned in ((0, numel), (3, numel - 2)):
+                tensor.owned = owned
+                expected = [0.0] * 6
+                flat = tensor.param.main_grad.flatten().tolist()
+                for index in range(*owned):
+                    local = owner(names[id(tensor.param)], index, tensor.param.shape)
+                    expected[experts[local]] += flat[index] ** 2
+                got = tensor.squares_E(6, torch.device("cpu"))
+                assert max(abs(a - b) for a, b in zip(got.tolist(), expected)) < 1e-12

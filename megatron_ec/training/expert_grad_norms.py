@@ -70,10 +70,11 @@ class ExpertTensor:
         if self.stacked_dim is None:
             local = torch.zeros_like(flat, dtype=torch.long)
         else:
+            # The element's coordinate along the stacked dim (2-D tensors), then its block.
             index = torch.arange(start, end, device=flat.device)
-            if self.stacked_dim == 1:  # [H, C]: the expert is the column block
-                index = index % self.param.shape[1]
-            local = index // (self.param.shape[self.stacked_dim] // len(self.expert_ids))
+            columns = self.param.shape[1]
+            along = index % columns if self.stacked_dim == 1 else index // columns
+            local = along // (self.param.shape[self.stacked_dim] // len(self.expert_ids))
         per_expert = torch.zeros(num_experts, dtype=torch.float64, device=flat.device)
         per_expert.index_add_(0, ids[local], flat)
         return out + per_expert.to(device)
