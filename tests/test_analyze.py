@@ -97,9 +97,14 @@ def test_a_missing_subcommand_module_and_bad_input_fail_in_one_line(tmp_path, ca
     monkeypatch.setattr(analyze, "SUBCOMMANDS", analyze.SUBCOMMANDS + ("not_built",))
     code, err = run_cli(["not_built", "--out", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1 and "megatron_ec.analysis.not_built" in err
-    code, err = run_cli(["activation", "--models", str(tmp_path / "none"), "--data", "x.jsonl",
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"instruction": "2 + 2?", "output": "4"}) + "\n")
+    code, err = run_cli(["activation", "--models", str(tmp_path / "none"), "--data", str(data),
                          "--out", str(tmp_path)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--models" in err and "config.json" in err
+    assert code == 2 and err.count("\n") == 1 and "--models" in err and "config.json" in err and "checkpoint" in err
+    code, err = run_cli(["activation", "--models", str(tmp_path), "--data", "x.jsonl",
+                         "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--data x.jsonl" in err
     code, err = run_cli(["grad_norms", "--runs", str(tmp_path), "--out", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1 and "expert_grad_norms.jsonl" in err
 
@@ -249,3 +254,22 @@ def test_grad_norm_means_match_a_loop(tmp_path, capsys):
         assert math.isclose(run["routed_mean"][index], sum(routed) / len(routed))
     assert run["per_layer"]["2"]["condenser"][0] == (0.25 * 10 + 1.5) / 2
     assert_png(out / "grad_norms.png")
+
+
+def test_a_megatron_checkpoint_is_exported_first(dirs, tmp_path, capsys):
+    """The fine-tuned model as a megatron_ec checkpoint (imported, with its condenser routing):
+    exported into OUT/exported/ and analysed like its HF directory (a bitwise round trip)."""
+    from checkpoint_convert.importer import import_hf
+
+    ckpt = tmp_path / "megatron"
+    import_hf(dirs["tuned"], ckpt)
+    reports = []
+    for name, model in (("hf", dirs["tuned"]), ("megatron", str(ckpt))):
+        out = tmp_path / name
+        code, err = run_cli(["pearson", "--base", dirs["base"], "--models", model, "--labels",
+                             "EC", "--out", str(out)], capsys)
+        assert code == 0, err
+        reports.append(json.loads((out / "pearson.json").read_text())["models"][0])
+    assert (tmp_path / "megatron" / "exported").is_dir()
+    assert reports[1]["dir"].startswith(str(tmp_path / "megatron" / "exported"))
+    assert reports[0]["layers"] == reports[1]["layers"]  # condensers and gains alike

@@ -23,7 +23,7 @@ from megatron_ec.analysis import capture, inputs, plots, stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", required=True, nargs="+", help="exported HF directories")
+    parser.add_argument("--models", required=True, nargs="+", help="exported HF directories or megatron_ec checkpoints")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one name per model for the plots (default: directory names)")
     inputs.add_data_arguments(parser)
@@ -54,10 +54,9 @@ def layer_counts(loaded, rows: list[list[int]], batch_size: int) -> dict[int, di
 
 
 def run(args: argparse.Namespace) -> dict:
-    for path in args.models:
-        inputs.check_model_dir(path, "--models")
     inputs.check_data_arguments(args)
     labels = inputs.labels_for(args.models, args.labels)
+    args.models = [inputs.model_dir(path, "--models", args.out) for path in args.models]
     out = Path(args.out)
     report = {"data": str(args.data), "max_length": args.max_length, "models": [],
               "figures": []}

@@ -1,7 +1,7 @@
 """Models and data from the command line: exported HF directories, SFT data files, batches.
 
 A model is a directory written by ``checkpoint_convert export`` (or any HF directory of a
-supported family), loaded with ``megatron_ec.eval.generate.load_exported``: fp32 on CPU, bf16
+supported family; a megatron_ec checkpoint is exported first, ``model_dir``), loaded with ``megatron_ec.eval.generate.load_exported``: fp32 on CPU, bf16
 on CUDA, its ExpertCondenser routing restored, its training chat template. Data is an SFT file in
 any format the trainer reads (JSONL, JSON array, Parquet; ``messages``, ``alpaca``,
 ``prompt_completion``); each conversation is rendered with the template and tokenised whole
@@ -29,11 +29,32 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
-def check_model_dir(path: str, flag: str) -> None:
-    """A directory with config.json; ValueError naming the flag otherwise."""
-    if not Path(path, "config.json").is_file():
-        raise ValueError(f"{flag} {path}: not an HF model directory (no config.json); pass a "
-                         "directory written by checkpoint_convert export")
+def model_dir(path: str, flag: str, out: str) -> str:
+    """The HF directory to analyse for a ``--base`` / ``--models`` argument.
+
+    An HF directory (``config.json``) is used as it is. A megatron_ec checkpoint (a root with
+    ``latest``, or an iteration directory) is exported first with ``checkpoint_convert``'s
+    ``export_hf`` into ``OUT/exported/<name>``, reused when a previous run completed it.
+
+    Raises:
+        ValueError: neither, naming the flag.
+    """
+    if Path(path, "config.json").is_file():
+        return path
+    from megatron_ec.models import ckpt_dir
+
+    try:
+        iteration = ckpt_dir.resolve(path)
+    except ValueError:
+        raise ValueError(f"{flag} {path}: neither an HF model directory (no config.json) nor a "
+                         "megatron_ec checkpoint; pass a directory written by checkpoint_convert "
+                         "export, or by megatron_ec.finetune") from None
+    exported = Path(out) / "exported" / f"{iteration.parent.name}_{iteration.name}"
+    if not Path(exported, "config.json").is_file():  # export publishes config.json atomically
+        from checkpoint_convert.exporter import export_hf
+
+        export_hf(iteration, exported, overwrite=True)
+    return str(exported)
 
 
 def check_data_arguments(args: argparse.Namespace) -> None:

@@ -26,8 +26,8 @@ from megatron_ec.analysis import capture, inputs, plots, stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="the base model's HF directory")
-    parser.add_argument("--models", required=True, nargs="+", help="fine-tuned HF directories")
+    parser.add_argument("--base", required=True, help="the base model (HF directory or megatron_ec checkpoint)")
+    parser.add_argument("--models", required=True, nargs="+", help="fine-tuned HF directories or megatron_ec checkpoints")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per model")
     parser.add_argument("--condensers-from", default=None,
                         help="exported directory whose condensers models without their own use")
@@ -68,11 +68,12 @@ def model_condensers(hf_dir: str, fallback: dict[int, list[int]], flag_given: bo
 
 
 def run(args: argparse.Namespace) -> dict:
-    inputs.check_model_dir(args.base, "--base")
-    for path in args.models + ([args.condensers_from] if args.condensers_from else []):
-        inputs.check_model_dir(path, "--models" if path != args.condensers_from
-                               else "--condensers-from")
     labels = inputs.labels_for(args.models, args.labels)
+    args.base = inputs.model_dir(args.base, "--base", args.out)
+    args.models = [inputs.model_dir(path, "--models", args.out) for path in args.models]
+    if args.condensers_from:
+        args.condensers_from = inputs.model_dir(args.condensers_from, "--condensers-from",
+                                                args.out)
     fallback = inputs.condensers_of(args.condensers_from) if args.condensers_from else {}
     given = args.condensers_from is not None
     condenser_sets = [model_condensers(hf_dir, fallback, given) for hf_dir in args.models]

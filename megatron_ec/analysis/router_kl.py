@@ -27,8 +27,8 @@ from megatron_ec.analysis import capture, inputs, plots, stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="the base model's HF directory")
-    parser.add_argument("--models", required=True, nargs="+", help="fine-tuned HF directories")
+    parser.add_argument("--base", required=True, help="the base model (HF directory or megatron_ec checkpoint)")
+    parser.add_argument("--models", required=True, nargs="+", help="fine-tuned HF directories or megatron_ec checkpoints")
     parser.add_argument("--labels", nargs="+", default=None, help="one name per model")
     parser.add_argument("--inputs", choices=("base", "own"), default="base",
                         help="hidden states the fine-tuned MoE blocks see (see the docs)")
@@ -92,11 +92,10 @@ def divergence(base, tuned, rows: list[list[int]], args) -> dict[int, dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    inputs.check_model_dir(args.base, "--base")
-    for path in args.models:
-        inputs.check_model_dir(path, "--models")
     inputs.check_data_arguments(args)
     labels = inputs.labels_for(args.models, args.labels)
+    args.base = inputs.model_dir(args.base, "--base", args.out)
+    args.models = [inputs.model_dir(path, "--models", args.out) for path in args.models]
     base = inputs.load_model(args.base, args.device)
     rows = None
     report = {"base": str(args.base), "data": str(args.data), "inputs": args.inputs,
