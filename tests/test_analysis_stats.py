@@ -65,8 +65,8 @@ def test_router_kl_matches_a_loop():
         zp, zq = sum(math.exp(v) for v in row_p), sum(math.exp(v) for v in row_q)
         p, q = [math.exp(v) / zp for v in row_p], [math.exp(v) / zq for v in row_q]
         expected.append(sum(pe * math.log(pe / qe) for pe, qe in zip(p, q)))
-    assert_close_scaled(stats.router_kl(base, tuned), torch.tensor(expected, dtype=torch.float64), FP64_ORACLE,
-                        "router KL")
+    assert_close_scaled(stats.router_kl(base, tuned), torch.tensor(expected, dtype=torch.float64),
+                        FP64_ORACLE, "router KL")
     assert stats.router_kl(base, base).abs().max() < 1e-12
 
 
@@ -89,7 +89,8 @@ def test_pearson_and_correlation_gain_match_app_m():
     base, tuned = _values(4, 6, 12), _values(5, 6, 12)
     rows = base.tolist()
     expected = [[naive_pearson(a, b) for b in rows] for a in rows]
-    assert_close_scaled(stats.pearson_matrix(base), torch.tensor(expected, dtype=torch.float64), FP64_ORACLE, "C_ij")
+    assert_close_scaled(stats.pearson_matrix(base), torch.tensor(expected, dtype=torch.float64),
+                        FP64_ORACLE, "C_ij")
     shared, regular = [1, 4], [0, 2, 3, 5]
     gain = stats.correlation_gain(stats.pearson_matrix(base), stats.pearson_matrix(tuned),
                                   shared, regular)

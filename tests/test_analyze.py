@@ -101,7 +101,8 @@ def test_a_missing_subcommand_module_and_bad_input_fail_in_one_line(tmp_path, ca
     data.write_text(json.dumps({"instruction": "2 + 2?", "output": "4"}) + "\n")
     code, err = run_cli(["activation", "--models", str(tmp_path / "none"), "--data", str(data),
                          "--out", str(tmp_path)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--models" in err and "config.json" in err and "checkpoint" in err
+    assert code == 2 and err.count("\n") == 1 and "--models" in err
+    assert "config.json" in err and "checkpoint" in err
     code, err = run_cli(["activation", "--models", str(tmp_path), "--data", "x.jsonl",
                          "--out", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1 and "--data x.jsonl" in err

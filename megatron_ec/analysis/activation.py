@@ -23,7 +23,8 @@ from megatron_ec.analysis import capture, inputs, plots, stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", required=True, nargs="+", help="exported HF directories or megatron_ec checkpoints")
+    parser.add_argument("--models", required=True, nargs="+",
+                        help="exported HF directories or megatron_ec checkpoints")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one name per model for the plots (default: directory names)")
     inputs.add_data_arguments(parser)
@@ -33,8 +34,7 @@ def layer_counts(loaded, rows: list[list[int]], batch_size: int) -> dict[int, di
     """{layer: activation summary} of one model over the token rows."""
     model = loaded.model
     recorder = capture.MoERecorder(model)
-    num_experts = {layer: block.experts.num_experts if hasattr(block.experts, "num_experts")
-                   else getattr(block, recorder.gate_attr).weight.shape[0]
+    num_experts = {layer: getattr(block, recorder.gate_attr).weight.shape[0]  # router [E, H]
                    for layer, block in recorder.blocks.items()}
     # Host totals: one small copy per layer and batch, off any hot path.
     counts = {layer: torch.zeros(n, dtype=torch.int64, device="cpu")

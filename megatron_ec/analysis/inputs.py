@@ -1,12 +1,12 @@
 """Models and data from the command line: exported HF directories, SFT data files, batches.
 
 A model is a directory written by ``checkpoint_convert export`` (or any HF directory of a
-supported family; a megatron_ec checkpoint is exported first, ``model_dir``), loaded with ``megatron_ec.eval.generate.load_exported``: fp32 on CPU, bf16
-on CUDA, its ExpertCondenser routing restored, its training chat template. Data is an SFT file in
-any format the trainer reads (JSONL, JSON array, Parquet; ``messages``, ``alpaca``,
-``prompt_completion``); each conversation is rendered with the template and tokenised whole
-(prompt and answer, as training sees it), cut to ``max_length`` tokens and right-padded in
-batches.
+supported family; a megatron_ec checkpoint is exported first, ``model_dir``), loaded with
+``megatron_ec.eval.generate.load_exported``: fp32 on CPU, bf16 on CUDA, its ExpertCondenser
+routing restored, its training chat template. Data is an SFT file in any format the trainer
+reads (JSONL, JSON array, Parquet; ``messages``, ``alpaca``, ``prompt_completion``); each
+conversation is rendered with the template and tokenised whole (prompt and answer, as training
+sees it), cut to ``max_length`` tokens and right-padded in batches.
 """
 
 from __future__ import annotations
