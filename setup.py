@@ -25,6 +25,7 @@ setup(
         "datasets>=3.0",
         "pyyaml>=6.0",
         "tensorboard>=2.15",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # GPU clusters: Transformer Engine BF16/FP8 GEMMs and grouped experts. Apex is optional

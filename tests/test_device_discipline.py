@@ -58,6 +58,10 @@ ALLOWED: dict[str, str] = {
     "megatron_ec/eval/generate.py::left_pad":
         "host-side prompt batch of the HF evaluation; both callers move it with "
         "`.to(device)` before `generate`",
+    "megatron_ec/analysis/inputs.py::batches":
+        "host-side token batch of the analyses; `capture.forward` moves it with `.to(device)`",
+    "megatron_ec/analysis/activation.py::layer_counts":
+        "host totals of the activation counts; each batch's counts are copied in with `.cpu()`",
     "checkpoint_convert/verify.py::random_tokens":
         "seeded host generator (reproducible on any machine); `megatron_logits` moves the "
         "tokens to the model's device, `hf_logits` runs the HF model on the host",

@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from megatron_ec.models import ckpt_dir
+from megatron_ec.training.expert_grad_norms import EXPERT_GRAD_NORMS_FILE
 from megatron_ec.training.metrics import read_metrics
 from tests.test_finetune_support import make_data, make_start_checkpoint, run_cli, write_config
 
@@ -22,7 +23,8 @@ def start(tmp_path_factory):
 
 def _config(root, start, data, name):
     return write_config(root / f"{name}.yaml", start, data, root / name,
-                        train={"max_steps": 6}, output={"save_interval": 2, "tensorboard": True})
+                        train={"max_steps": 6},
+                        output={"save_interval": 2, "tensorboard": True, "log_interval": 1})
 
 
 def _assert_same(reference: list[dict], resumed: list[dict]) -> None:
@@ -33,6 +35,20 @@ def _assert_same(reference: list[dict], resumed: list[dict]) -> None:
                 assert abs(ref[key] - got[key]) <= 1e-6, (ref["step"], key, ref[key], got[key])
             else:
                 assert ref[key] == got[key], (ref["step"], key)
+
+
+def _assert_same_expert_norms(reference_dir, resumed_dir) -> None:
+    """Per-expert gradient norms at every logged step (log_interval 1), the crashed run's extra
+    lines dropped on resume."""
+    reference = read_metrics(reference_dir / EXPERT_GRAD_NORMS_FILE)
+    resumed = read_metrics(resumed_dir / EXPERT_GRAD_NORMS_FILE)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
+    for ref, got in zip(reference, resumed):
+        assert ref["norms"].keys() == got["norms"].keys() and ref["norms"]
+        for layer, norms in ref["norms"].items():
+            # every expert trains (SFT); one no token reached this step has a zero gradient
+            assert all(n is not None for n in norms) and any(n > 0 for n in norms)
+            assert max(abs(a - b) for a, b in zip(norms, got["norms"][layer])) <= 1e-6 * max(norms)
 
 
 def test_sigkill_and_killed_save_resume_identically(start):
@@ -64,6 +80,7 @@ def test_sigkill_and_killed_save_resume_identically(start):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr and "at step 2" in resumed.stderr
     _assert_same(reference, read_metrics(out / "metrics.jsonl"))
+    _assert_same_expert_norms(root / "uninterrupted", out)
     assert ckpt_dir.latest_iteration(out).name == "iter_0000006"
     assert not partial.exists()  # the half-written save is cleaned up
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("megatron_ec.training",)),
     ("eval/analysis", ("megatron_ec.eval", "megatron_ec.analysis")),
     ("CLIs", ("megatron_ec.finetune", "megatron_ec.recipe", "megatron_ec.evaluate",
-              "megatron_ec.torchrun", "checkpoint_convert.__main__")),
+              "megatron_ec.analyze", "megatron_ec.torchrun", "checkpoint_convert.__main__")),
 ]
 """Lowest first; a CLI prefix wins over its package's (`checkpoint_convert.__main__`)."""
 

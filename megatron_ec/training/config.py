@@ -143,7 +143,11 @@ class OutputConfig:
     """Write TensorBoard event files under `dir/tensorboard` (rank 0)."""
     log_interval: int = 10
     """Progress line every this many steps when stderr is not a terminal (a terminal gets a bar
-    redrawn every step)."""
+    redrawn every step); also the interval of `expert_grad_norms`."""
+    expert_grad_norms: bool = True
+    """Every `log_interval` steps (and the last), write each routed expert's FFN gradient norm
+    to `dir/expert_grad_norms.jsonl` (paper Fig. 6; `megatron_ec.training.expert_grad_norms`).
+    Cheap: one pass over the expert gradients and one small all-reduce per logged step."""
 
     def __post_init__(self) -> None:
         if not self.dir:

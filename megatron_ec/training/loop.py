@@ -41,6 +41,7 @@ from megatron_ec.parallel import collective_device
 from megatron_ec.training import checkpoint, validation
 from megatron_ec.training.config import FinetuneConfig
 from megatron_ec.training.distributed import finalize_grads, micro_batch_losses, unwrap, wrap_ddp
+from megatron_ec.training.expert_grad_norms import ExpertGradNorms
 from megatron_ec.training.metrics import MetricsWriter
 from megatron_ec.training.optimizer import build_optimizer
 from megatron_ec.training.progress import Progress
@@ -217,6 +218,8 @@ class Phase:
         start_step = self.state.step
         checkpoint.remove_partial_saves(self.out)
         metrics = MetricsWriter(self.out, start_step, cfg.output.tensorboard, self.rank0)
+        self.expert_norms = ExpertGradNorms.for_phase(self.ddp, self.model, cfg.output,
+                                                      start_step, self.total, self.rank0)
         progress = Progress(self.method.name, self.total, start_step, cfg.output.log_interval,
                             enabled=self.rank0)
         if start_step:
@@ -270,6 +273,8 @@ class Phase:
         result = forward_backward(self.ddp, micro_batches, self.method)
         finalize_grads(self.ddp)
         self.method.after_backward(self.model)
+        if getattr(self, "expert_norms", None) is not None:  # pre-clip, as grad_norm
+            self.expert_norms.maybe_log(step + 1, self.method.name)
         grad_norm = self.optimizer.step()
         self.method.after_optimizer_step(self.model)
         elapsed = time.monotonic() - began
