@@ -96,6 +96,7 @@ def figure(report: dict, path: Path) -> str:
         axis.bar([i + offset for i in range(len(names))], accuracies(side), width, label=label)
     axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axis.set_ylabel("accuracy (%)")
+    axis.set_ylim(0, 105)
     axis.set_title("Persistent-path ablation (paper section 6.3)")
     axis.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -285,6 +285,7 @@ def figure(report: dict, path: Path) -> str:
         axis.axhline(100 * report["base"]["average"], color="grey", linestyle="--",
                      label=f"base (n={report['num_experts']}, k={report['topk']})")
         axis.set_xlabel(xlabel)
+        axis.set_ylim(0, 105)
         axis.legend(fontsize=8)
     left.set_ylabel("average accuracy (%)")
     fig.suptitle("Expert pruning (paper section 2, App. D)")

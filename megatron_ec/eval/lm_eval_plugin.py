@@ -10,7 +10,10 @@ it is imported, with lazy ``"module:Class"`` placeholders. So this package ships
 registers ``megatron_ec`` as a placeholder for ``ADAPTER``. Nothing here imports lm_eval, torch or
 transformers; the adapter itself is imported when the harness asks for the model.
 
-This module imports only the standard library (it runs in every interpreter of the environment).
+The hook runs in every interpreter of the environment, so it imports nothing of this package: it
+finds ``megatron_ec`` without importing it (``importlib.util.find_spec``) and executes this file
+alone, under the name ``megatron_ec_lm_eval_plugin`` (hence standard library imports only, and
+no package import at start-up that a later ``sys.path`` change could not undo).
 """
 
 from __future__ import annotations
@@ -87,5 +90,6 @@ def install() -> None:
     """Arrange for ``MODEL_NAME`` to be registered whenever the harness loads its models."""
     if HOOKED_MODULE in sys.modules:
         _register_or_warn()
-    elif not any(isinstance(finder, _HarnessFinder) for finder in sys.meta_path):
+    # By name: the hook's copy of this module and an imported one have distinct classes.
+    elif not any(type(finder).__name__ == _HarnessFinder.__name__ for finder in sys.meta_path):
         sys.meta_path.insert(0, _HarnessFinder())
