@@ -18,13 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval  # the `eval` extra; tools/install_env.sh installs it (requirements.txt)
 import pytest
 import torch
 
 from megatron_ec import evaluate
 from tests.tolerance import FP32_LAYOUT, assert_close_scaled, error_ratio
 
-lm_eval = pytest.importorskip("lm_eval", reason="the optional `eval` extra (tools/install_env.sh)")
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "examples" / "lm_eval_tasks"
