@@ -1,6 +1,26 @@
 """megatron_ec: ExpertCondenser fine-tuning of MoE LLMs on Megatron-Core."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# `lm_eval --model megatron_ec`: the harness has no plugin discovery, so a one-line startup hook
+# (megatron_ec/eval/lm_eval_plugin.py) goes to the top of site-packages. An editable install does
+# not ship it; tools/install_env.sh copies it there.
+HOOK = Path("megatron_ec/eval/megatron_ec_lm_eval.pth")
+
+
+class BuildWithHarnessHook(build_py):
+    """build_py plus the .pth startup hook at the root of the wheel."""
+
+    def run(self):
+        super().run()
+        self.copy_file(str(HOOK), str(Path(self.build_lib) / HOOK.name))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [str(Path(self.build_lib) / HOOK.name)]
+
 
 setup(
     name="megatron_ec",
@@ -32,5 +52,9 @@ setup(
         # (Megatron-Core falls back without it) and is not on PyPI: build it in your container.
         "gpu": ["transformer-engine[pytorch]>=2.0", "triton>=3.0"],
         "test": ["pytest>=8.0", "densemixer==1.0.1"],  # densemixer: the DenseMixer oracle (MIT)
+        # lm-evaluation-harness model `megatron_ec` (megatron_ec/eval/lm_eval_adapter.py); its
+        # HF model class needs accelerate, which lm-eval lists only under its own `hf` extra.
+        "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
     },
+    cmdclass={"build_py": BuildWithHarnessHook},
 )

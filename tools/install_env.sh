@@ -20,6 +20,9 @@ $PIP install -r requirements.txt
 # megatron-core 0.19.2 declares Python >= 3.12 but runs on 3.11; its cp311 wheel is on PyPI.
 $PIP install --ignore-requires-python --no-deps megatron-core==0.19.2
 $PIP install --no-deps -e .
+# lm_eval --model megatron_ec: the harness's startup hook (setup.py ships it in wheels, but an
+# editable install does not; megatron_ec/eval/lm_eval_plugin.py says why it is needed).
+cp megatron_ec/eval/megatron_ec_lm_eval.pth "$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 if $VENV/bin/python -c "import transformer_engine" 2>/dev/null; then
   echo "[install] transformer-engine is importable on this CPU box; it breaks megatron.core: uninstall it" >&2
   exit 1

@@ -8,7 +8,8 @@ restore with the family registry (`megatron_ec.models.hf_restore`, each family's
 this module gathers them for evaluation code.
 """
 
-from megatron_ec.models.hf_restore import restore_condenser_routing
+from megatron_ec.models.hf_restore import restore_condenser_routing, restore_routing
 from megatron_ec.moe.methods.saved import ROUTING_FILE, read_routing_file, write_routing_file
 
-__all__ = ["ROUTING_FILE", "read_routing_file", "restore_condenser_routing", "write_routing_file"]
+__all__ = ["ROUTING_FILE", "read_routing_file", "restore_condenser_routing", "restore_routing",
+           "write_routing_file"]

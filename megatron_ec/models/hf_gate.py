@@ -43,11 +43,14 @@ class RestoredGate(KeepsFp32Buffers, torch.nn.Module):
         self.slots = num_slots(routing_cfg, ids.numel())
         self.register_buffer("condenser_ids", ids, persistent=False)
 
+    def router_logits(self, hidden_TH: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, E], as Megatron's router computes them (moe_router_dtype="fp32")."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden_TH.float(), self.weight.float(), bias)
+
     def forward(self, hidden_states: torch.Tensor):
         hidden_TH = hidden_states.reshape(-1, self.weight.shape[1])
-        # Megatron's router computes the logits in fp32 (moe_router_dtype="fp32").
-        bias = None if self.bias is None else self.bias.float()
-        logits_TE = F.linear(hidden_TH.float(), self.weight.float(), bias)
+        logits_TE = self.router_logits(hidden_TH)
         condensers = self.condenser_ids if self.condenser_ids.numel() else None
         probs_TE, routing_map_TE = route(logits_TE, self.routing_cfg, self.selection_bias,
                                          condensers)

@@ -44,9 +44,16 @@ def restore_condenser_routing(hf_model, hf_dir: str | Path) -> int:
             does not fit the model (missing bias, condenser ids out of range).
     """
     saved = read_routing_file(hf_dir)
-    if saved is None or not saved[0].changes_routing():
+    if saved is None:
         return 0
-    method, biases = saved
+    return restore_routing(hf_model, *saved)
+
+
+def restore_routing(hf_model, method: Method, biases: dict[int, torch.Tensor]) -> int:
+    """`restore_condenser_routing` from a method and its biases rather than a directory (e.g.
+    a method whose config an analysis changed); same return value and errors."""
+    if not method.changes_routing():
+        return 0
     family = get_family(hf_model.config.model_type)
     if family.hf_gate is None:
         raise ValueError(f"restore_condenser_routing: the {family.model_type} family has no "
