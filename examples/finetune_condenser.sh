@@ -24,7 +24,9 @@
 #      the data (tokenised with the model's tokenizer), the layout against NNODES x NPROC_PER_NODE;
 #   4. (all nodes) import the HF model at the recipe's TP/EP (skipped when imported);
 #   5. (all nodes) every phase in one torchrun launch (finished phases skipped, interrupted resumed);
-#   6. (node 0) export the last phase; 7. (node 0) held-out evaluation.
+#   6. (node 0) export the last phase of the main chain and each baseline phase
+#      (pipeline.baselines); 7. (node 0) held-out evaluation of all of them, side by side;
+#   8. (node 0) the analyses (pipeline.analysis_dir): `python -m megatron_ec.analyze demo`.
 # torchrun runs through `megatron_ec.torchrun`: a worker's user error ends the launch with status 2
 # and no torchrun traceback. Nodes other than 0 go straight to the rendezvous of step 4 or 5; if
 # node 0 stops at a failed check they exit after RDZV_TIMEOUT seconds with one line (status 3).
@@ -112,17 +114,32 @@ fi
 say "training phases: $PHASE_DIRS"
 step "training" torchrun_all -m megatron_ec.recipe --config "$RECIPE" "$@"
 
-# 6. Export the last phase (HF weights + routing side file) and 7. evaluate.
+# 6. Export the last phase of the main chain (HF weights + routing side file) and every baseline
+# phase (pipeline.baselines, to <its output dir>/hf), 7. evaluate them side by side, 8. analyse.
 if [ -n "$EXPORT_DIR" ] && on_node0; then
   say "export $FINAL_CKPT -> $EXPORT_DIR"
   step "export" "$PYTHON" -m checkpoint_convert export --ckpt "$FINAL_CKPT" --out "$EXPORT_DIR" --overwrite
+  compare=()
+  for item in $BASELINE_DIRS; do
+    name=${item%%=*} dir=${item#*=}
+    say "export baseline $name: $dir -> $dir/hf"
+    step "export $name" "$PYTHON" -m checkpoint_convert export --ckpt "$dir" --out "$dir/hf" --overwrite
+    compare+=("$name=$dir/hf")
+  done
+  compare_args=()
+  [ ${#compare[@]} = 0 ] || compare_args=(--compare "${compare[@]}")
+  metrics=()
+  for dir in $PHASE_DIRS; do metrics+=("$dir/metrics.jsonl"); done
   if [ -n "$EVAL_HELDOUT" ]; then
-    metrics=()
-    for dir in $PHASE_DIRS; do metrics+=("$dir/metrics.jsonl"); done
     step "evaluation" "$PYTHON" -m megatron_ec.eval.demo_eval --hf "$EXPORT_DIR" \
       ${HF_MODEL:+--base "$HF_MODEL"} --heldout "$EVAL_HELDOUT" --max-samples "$EVAL_MAX_SAMPLES" \
       --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --metrics "${metrics[@]}" \
-      --json "$(dirname "$EXPORT_DIR")/eval.json"
+      "${compare_args[@]}" --json "$(dirname "$EXPORT_DIR")/eval.json"
+  fi
+  if [ -n "$ANALYSIS_DIR" ]; then
+    step "analysis" "$PYTHON" -m megatron_ec.analyze demo --out "$ANALYSIS_DIR" \
+      --main "$EXPORT_DIR" ${HF_MODEL:+--base "$HF_MODEL"} "${compare_args[@]}" \
+      --data "${EVAL_HELDOUT:-$TRAIN_DATA}" --metrics-dirs $MAIN_PHASE_DIRS
   fi
 fi
 say "done on node $NODE_RANK in $((SECONDS - began)) s"

@@ -72,3 +72,56 @@ def test_baseline_recipes_start_from_the_family_import(path):
                                           "train_non_expert_modules": False}
     dirs = [data["output"]["dir"] for data in phases.values()]
     assert len(set(dirs)) == len(dirs)
+
+
+def _write_recipe(tmp_path, phases, baselines):
+    import yaml
+
+    data = {"model": {"checkpoint": "runs/x/ckpt"}, "data": {"train": "d.jsonl"},
+            "phases": phases, "pipeline": {"export_dir": "runs/x/hf", "baselines": baselines}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_demo_recipe_scores_an_sft_baseline_from_the_import():
+    from megatron_ec.training.recipe import print_paths
+
+    recipe = Recipe.load(str(RECIPES / "demo.yaml"))
+    assert [p.name for p in recipe.main_phases()] == ["bias", "condenser"]
+    assert recipe.phase_data("sft")["model"]["checkpoint"] == "runs/demo/ckpt"
+    assert recipe.phase_data("condenser")["model"]["checkpoint"] == "runs/demo/phase1_bias"
+    paths = dict(line.split("=", 1) for line in print_paths(recipe).splitlines())
+    assert paths["FINAL_CKPT"] == "runs/demo/phase2_condenser"  # exported: the EC model
+    assert paths["BASELINE_DIRS"] == "sft=runs/demo/baselines/sft"
+    assert paths["MAIN_PHASE_DIRS"] == "'runs/demo/phase1_bias runs/demo/phase2_condenser'"
+
+
+def test_a_main_phase_after_a_baseline_chains_from_the_main_phase_before_it(tmp_path):
+    phases = [{"name": "bias", "output": {"dir": "p1"}},
+              {"name": "sft", "model": {"checkpoint": "runs/x/ckpt"}, "output": {"dir": "b"}},
+              {"name": "condenser", "method": {"name": "condenser"}, "output": {"dir": "p2"}}]
+    recipe = Recipe.load(_write_recipe(tmp_path, phases, ["sft"]))
+    assert recipe.phase_data("condenser")["model"]["checkpoint"] == "p1"
+
+
+@pytest.mark.parametrize(("baselines", "message"), [
+    (["nope"], "names 'nope', which is not a phase"),
+    (["late"], "must set its own model.checkpoint"),
+    (["early", "late"], "must set its own model.checkpoint"),
+])
+def test_bad_pipeline_baselines_are_one_line_errors(tmp_path, baselines, message):
+    from megatron_ec.training.config_tree import ConfigError
+
+    phases = [{"name": "early", "model": {"checkpoint": "c"}, "output": {"dir": "a"}},
+              {"name": "late", "output": {"dir": "b"}}]
+    with pytest.raises(ConfigError, match=message):
+        Recipe.load(_write_recipe(tmp_path, phases, baselines))
+
+
+def test_every_phase_a_baseline_is_refused(tmp_path):
+    from megatron_ec.training.config_tree import ConfigError
+
+    phases = [{"name": "only", "model": {"checkpoint": "c"}, "output": {"dir": "a"}}]
+    with pytest.raises(ConfigError, match="at least one must be the main chain"):
+        Recipe.load(_write_recipe(tmp_path, phases, ["only"]))

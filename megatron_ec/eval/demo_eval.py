@@ -3,7 +3,7 @@
     python -m megatron_ec.eval.demo_eval --hf runs/demo/hf [--base runs/demo/hf_base]
         --heldout runs/demo/data/heldout.jsonl [--max-samples 200] [--max-new-tokens 48]
         [--metrics runs/demo/phase1_bias/metrics.jsonl runs/demo/phase2_condenser/metrics.jsonl]
-        [--json runs/demo/eval.json]
+        [--compare sft=runs/demo/baselines/sft/hf ...] [--json runs/demo/eval.json]
 
 Each model is a stock `transformers` model loaded from its exported directory, with the
 ExpertCondenser routing restored from the directory's routing file (`restore_condenser_routing`:
@@ -49,28 +49,21 @@ def _prompt(record: dict) -> str:
     return f"{record['instruction']}\n\n{extra}" if extra.strip() else record["instruction"]
 
 
-def evaluate(hf_dir: str, records: list[dict], max_new_tokens: int, chat_template: str = "auto",
-             fallback_template: str = "alpaca") -> dict:
-    """Accuracy of one exported model on `records`, with its condenser routing restored."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def evaluate(hf_dir: str, records: list[dict], max_new_tokens: int) -> dict:
+    """Accuracy of one exported model on `records`, with its condenser routing restored and its
+    training template (`megatron_ec.eval.generate`, the generation of `megatron_ec.evaluate`)."""
+    from megatron_ec.eval.answers import last_number, numbers_equal
+    from megatron_ec.eval.generate import generate, load_exported, render_prompts
 
-    from megatron_ec.data import ChatEncoder, load_tokenizer, resolve_chat_template
-    from megatron_ec.eval.hf_routing import restore_condenser_routing
-    from megatron_ec.eval.math_answers import math_accuracy
-
-    tokenizer = load_tokenizer(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    restored = restore_condenser_routing(model, hf_dir)
-    encoder = ChatEncoder(tokenizer, resolve_chat_template(tokenizer, chat_template,
-                                                           fallback_template))
-    prompts = [encoder.render_prompt([{"role": "user", "content": r["prompt"]}]) for r in records]
+    loaded = load_exported(hf_dir)
     began = time.monotonic()
-    score = math_accuracy(model, tokenizer, prompts, [r["answer"] for r in records],
-                          max_new_tokens=max_new_tokens, batch_size=32)
-    return {"dir": hf_dir, "accuracy": score.accuracy, "correct": score.num_correct,
-            "total": len(records), "restored_layers": restored,
-            "seconds": time.monotonic() - began, "example": score.completions[0].strip()}
+    completions = generate(loaded, render_prompts(loaded, [r["prompt"] for r in records]),
+                           max_new_tokens, batch_size=32)
+    correct = sum(numbers_equal(last_number(text), record["answer"])
+                  for text, record in zip(completions, records, strict=True))
+    return {"dir": hf_dir, "accuracy": correct / len(records), "correct": correct,
+            "total": len(records), "restored_layers": loaded.restored_layers,
+            "seconds": time.monotonic() - began, "example": completions[0].strip()}
 
 
 def phase_summary(metrics_file: str) -> dict:
@@ -87,7 +80,8 @@ def phase_summary(metrics_file: str) -> dict:
             "condensers": condensers}
 
 
-def format_table(phases: list[dict], results: list[tuple[str, dict]], num_samples: int) -> str:
+def format_table(phases: list[dict], results: list[tuple[str, dict]], num_samples: int,
+                 example: str = "") -> str:
     lines = ["", "ExpertCondenser demo summary", "-" * 64,
              f"{'phase':<12}{'steps':>6}  {'loss first':>10}  {'loss last':>10}  condensers"]
     for phase in phases:
@@ -99,8 +93,8 @@ def format_table(phases: list[dict], results: list[tuple[str, dict]], num_sample
     for label, result in results:
         lines.append(f"  {label:<44}{100 * result['accuracy']:6.1f}%  "
                      f"({result['correct']}/{result['total']})")
-    if results:
-        lines.append(f"  e.g. {results[-1][1]['example'][:90]!r}")
+    if example:
+        lines.append(f"  e.g. {example[:90]!r}")
     return "\n".join(lines + ["-" * 64])
 
 
@@ -117,6 +111,13 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _labelled(item: str) -> tuple[str, str]:
+    label, sep, hf_dir = item.partition("=")
+    if not sep or not label or not hf_dir:
+        raise ValueError(f"--compare {item!r}: expected LABEL=DIR, e.g. sft=runs/demo/sft/hf")
+    return label, hf_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron_ec.eval.demo_eval",
                                      description=__doc__.split("\n\n")[0])
@@ -126,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--metrics", nargs="*", default=[], help="metrics.jsonl of each phase")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="LABEL=DIR",
+                        help="baselines scored beside --hf, e.g. sft=runs/demo/baselines/sft/hf")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     _quiet()
     try:
-        for flag, value in (("--hf", args.hf), ("--base", args.base)):
+        compare = [_labelled(item) for item in args.compare]
+        checked = [("--hf", args.hf), ("--base", args.base)] + [("--compare", d) for _, d in compare]
+        for flag, value in checked:
             # Checked here: transformers would take a missing directory for a hub repo id.
             if value is not None and not Path(value, "config.json").is_file():
                 raise ValueError(f"{value}: not an HF model directory (no config.json); pass "
@@ -147,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     tuned = evaluate(args.hf, records, args.max_new_tokens)
     label = f"fine-tuned, EC routing restored ({tuned['restored_layers']} layers)"
     results.append((label, tuned))
-    print(format_table(phases, results, len(records)))
+    for name, hf_dir in compare:
+        scored = evaluate(hf_dir, records, args.max_new_tokens)
+        results.append((f"baseline {name} ({scored['restored_layers']} layers restored)", scored))
+    print(format_table(phases, results, len(records), example=tuned["example"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"phases": phases, "results": dict(results)},
                                               indent=2) + "\n")

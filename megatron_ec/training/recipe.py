@@ -72,6 +72,14 @@ class PipelineConfig:
     demo_num_train: int = 2000
     """Training problems the demo data generator writes (`--num-train`)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: tuple[str, ...] = ()
+    """Phases that are baselines, not steps of the main chain (e.g. `[sft]`): each must start from
+    its own `model.checkpoint` (the import), is exported to `<its output.dir>/hf` and scored
+    beside the main model. The main model is the last phase not listed here."""
+    analysis_dir: str | None = None
+    """Where `python -m megatron_ec.analyze` writes the comparison figures (activation/Gini of
+    every scored model, router KL to the base, condenser vs routed gradient norms, the forcing
+    ablation) after the evaluation; None (or empty) = no analysis."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,26 @@ class Recipe:
         pipeline = apply_overrides({"pipeline": data.get("pipeline") or {}}, pipeline_overrides,
                                    _PipelineSection)["pipeline"]
         self.pipeline = build(PipelineConfig, pipeline, "pipeline.")
+        self._check_baselines()
+
+    def _check_baselines(self) -> None:
+        names = [p.name for p in self.phases]
+        for name in self.pipeline.baselines:
+            if name not in names:
+                raise ConfigError(f"{self.path}: pipeline.baselines names {name!r}, which is not "
+                                  f"a phase; phases: {', '.join(names)}")
+            spec = self.phases[names.index(name)]
+            if "checkpoint" not in (spec.sections.get("model") or {}):
+                raise ConfigError(f"{self.path}: baseline phase {name!r} must set its own "
+                                  "model.checkpoint (the import it starts from), or it would "
+                                  "train from the previous phase")
+        if not [n for n in names if n not in self.pipeline.baselines]:
+            raise ConfigError(f"{self.path}: every phase is in pipeline.baselines; at least one "
+                              "must be the main chain")
+
+    def main_phases(self) -> list[PhaseSpec]:
+        """The phases of the main chain (not `pipeline.baselines`), in order."""
+        return [p for p in self.phases if p.name not in self.pipeline.baselines]
 
     @classmethod
     def load(cls, path: str, overrides: list[str] | None = None) -> "Recipe":
@@ -182,9 +210,11 @@ class Recipe:
         data = apply_overrides(data, self.phase_overrides[name], FinetuneConfig)
         own_checkpoint = ("checkpoint" in (self.phases[index].sections.get("model") or {}) or
                           any(o.startswith("model.checkpoint=") for o in self.phase_overrides[name]))
-        if index > 0 and not own_checkpoint:
-            # chaining wins over a shared model.checkpoint: that one is where phase 1 starts
-            previous = self.phase_data(self.phases[index - 1].name)
+        earlier = [p.name for p in self.phases[:index] if p.name not in self.pipeline.baselines]
+        if earlier and not own_checkpoint:
+            # chaining wins over a shared model.checkpoint: that one is where phase 1 starts;
+            # a baseline phase is never a link of the chain
+            previous = self.phase_data(earlier[-1])
             data = merge(data, {"model": {"checkpoint": _output_dir(previous)}})
         return data
 
@@ -209,8 +239,10 @@ def _output_dir(data: dict):
 def print_paths(recipe: Recipe) -> str:
     """Shell assignments for the launcher."""
     configs = recipe.configs()
-    first, last = configs[0], configs[-1]
+    by_name = dict(zip((p.name for p in recipe.phases), configs))
+    first, last = configs[0], by_name[recipe.main_phases()[-1].name]
     train = first.data.train[0] if first.data.train else ""
+    baselines = [f"{name}={by_name[name].output.dir}" for name in recipe.pipeline.baselines]
     values = {
         "HF_MODEL": recipe.pipeline.hf_model or "",
         "IMPORT_CKPT": first.model.checkpoint,
@@ -224,6 +256,9 @@ def print_paths(recipe: Recipe) -> str:
         "EVAL_MAX_SAMPLES": str(recipe.pipeline.eval.max_samples),
         "EVAL_MAX_NEW_TOKENS": str(recipe.pipeline.eval.max_new_tokens),
         "PHASE_DIRS": " ".join(c.output.dir for c in configs),
+        "MAIN_PHASE_DIRS": " ".join(by_name[p.name].output.dir for p in recipe.main_phases()),
+        "BASELINE_DIRS": " ".join(baselines),
+        "ANALYSIS_DIR": recipe.pipeline.analysis_dir or "",
         "TP": str(first.parallel.tensor_model_parallel_size),
         "EP": str(first.parallel.expert_model_parallel_size),
         "ETP": str(first.parallel.expert_tensor_parallel_size),
