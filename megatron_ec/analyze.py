@@ -13,7 +13,9 @@ Subcommands (``docs/EVALUATION.md``, "Analyses", names the paper figure of each)
 - ``pearson``: Pearson correlation change of down-projection weights, condensers against
   regular experts (App. M);
 - ``pruning``: the expert-pruning study (section 2, App. D / E / O);
-- ``ablation``: the persistent-path ablation (section 6.3, Fig. 7).
+- ``ablation``: the persistent-path ablation (section 6.3, Fig. 7);
+- ``demo``: all of the above but pruning over the demo's base, ExpertCondenser and baseline
+  exports, with the paper's mechanistic directions as measured (`make demo`, step 8).
 
 Each subcommand is a module ``megatron_ec.analysis.<name>`` with ``add_arguments(parser)`` and
 ``run(args) -> dict``; the dict is written to ``DIR/<name>.json`` and the module writes its PNGs
@@ -25,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
 
+from megatron_ec.analysis.report import write_json
+
 PROG = "megatron_ec.analyze"
 EXIT_USER_ERROR = 2
-SUBCOMMANDS = ("activation", "router_kl", "grad_norms", "pearson", "pruning", "ablation")
+SUBCOMMANDS = ("activation", "router_kl", "grad_norms", "pearson", "pruning", "ablation", "demo")
 PACKAGE = "megatron_ec.analysis"
 
 
@@ -71,14 +74,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, object]:
     args = parser.parse_args(argv[1:])
     args.subcommand = known.subcommand
     return args, module
-
-
-def write_json(path: Path, report: dict) -> None:
-    """Write under a temporary name beside ``path``, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _quiet() -> None:

@@ -52,7 +52,9 @@ def demo_overrides(root: Path, cpu: bool, steps: int) -> list[str]:
     """Recipe overrides that put every output of the demo under `root`, on one rank."""
     return [f"model.checkpoint={root}/ckpt", f"data.train={root}/data/train.jsonl",
             f"data.cache_dir={root}/data_cache", f"phases.bias.output.dir={root}/p1",
-            f"phases.condenser.output.dir={root}/p2", f"pipeline.hf_model={root}/hf_base",
+            f"phases.condenser.output.dir={root}/p2", f"phases.sft.model.checkpoint={root}/ckpt",
+            f"phases.sft.output.dir={root}/sft", f"pipeline.analysis_dir={root}/analysis",
+            f"pipeline.hf_model={root}/hf_base",
             f"pipeline.export_dir={root}/hf", f"pipeline.eval.heldout={root}/data/heldout.jsonl",
             f"pipeline.demo_num_train=2000", f"pipeline.eval.max_samples={20 if cpu else 100}",
             f"train.max_steps={steps}", f"output.save_interval={max(steps // 4, 1)}",

@@ -48,7 +48,7 @@ class Task:
 
     name: str
     group: str
-    """"math" (Table 1), "s1k" (Table 2) or "commonsense" (Table 3)."""
+    """"math" (Table 1), "s1k" (Table 2), "commonsense" (Table 3) or "demo" (`make demo`'s split)."""
     data: str
     """Data file under ``--data-dir`` without its extension (see ``EXTENSIONS``)."""
     read: Callable[[Record], Item]
@@ -191,6 +191,9 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     _commonsense("arc_e", "ARC-Easy/test", _ANSWERS_5),
     _commonsense("arc_c", "ARC-Challenge/test", _ANSWERS_5),
     _commonsense("obqa", "openbookqa/test", _ANSWERS_5),
+    # The held-out split of tools/make_demo_data.py (`make demo`), in no group: `--tasks demo
+    # --data-dir runs/demo/data`; the demo's own 48-token budget.
+    Task("demo", "demo", "heldout", **{**_NUMERIC, "max_new_tokens": 48}),
 )}
 """Every task by its ``--tasks`` name."""
 
