@@ -117,7 +117,7 @@ def load_groups(model: torch.nn.Module, weights_dir: Path,
     groups = layer_groups(model) if groups is None else groups
     expected = [k for k in model.state_dict() if not k.endswith("_extra_state")]
     loaded: set[str] = set()
-    strategy = TorchDistLoadShardedStrategy(cache_metadata=True)  # metadata read once, not per chunk
+    strategy = TorchDistLoadShardedStrategy(cache_metadata=True)  # metadata read once per load
     try:
         while groups:
             # Popped: dist_checkpointing.load fills the chunk's sharded objects with loaded copies.

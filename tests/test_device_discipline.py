@@ -58,6 +58,9 @@ ALLOWED: dict[str, str] = {
     "megatron_ec/eval/generate.py::left_pad":
         "host-side prompt batch of the HF evaluation; both callers move it with "
         "`.to(device)` before `generate`",
+    "checkpoint_convert/tensor_io.py::read_selection":
+        "bytes read from a file land in host memory; `load._assign` adopts them only on a host "
+        "parameter and otherwise copies them across devices with `copy_`",
     "checkpoint_convert/verify.py::random_tokens":
         "seeded host generator (reproducible on any machine); `megatron_logits` moves the "
         "tokens to the model's device, `hf_logits` runs the HF model on the host",
