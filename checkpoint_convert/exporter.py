@@ -1,8 +1,9 @@
 """megatron_ec checkpoint -> HF directory that stock transformers loads.
 
-One process: the checkpoint (any layout) is loaded at TP1/EP1 in the dtype it was stored in, then
-every rule's HF tensors are produced one entry at a time and streamed into safetensors shards
-whose headers are planned from the rule table (peak memory: the model plus about one tensor).
+One process: the checkpoint (any layout) is loaded at TP1/EP1 in the dtype it was stored in, a chunk
+of decoder layers at a time (`model.layer_groups`); each chunk's HF tensors are streamed into
+safetensors shards whose headers are planned from the rule table, and the chunk is released before
+the next is loaded (peak memory: about a chunk plus Python, not the model).
 Tensors get the hub's per-expert names, vocab padding is trimmed, and the dtype is the original
 HF dtype unless `--dtype` says otherwise. The routing state goes to `megatron_ec_routing.json`
 (see `megatron_ec.moe.methods.saved`).
@@ -20,9 +21,17 @@ import torch
 from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.importer import DTYPE_NAMES, family_for
 from checkpoint_convert.mapping import Entry, expand, group_to_hf, hf_groups, megatron_name
-from checkpoint_convert.model import load_megatron, open_checkpoint
+from checkpoint_convert.model import (
+    build_model,
+    group_key,
+    layer_groups,
+    load_groups,
+    open_checkpoint,
+    set_routing_state,
+)
 from checkpoint_convert.outputs import check_output, copy_tokenizer, staged_directory
 from checkpoint_convert.load import expected_hf_shapes
+from checkpoint_convert.memory import map_large_buffers
 from checkpoint_convert.shards import Planned, plan_shards, write_shards
 from megatron_ec.data.templates import record_training_template
 from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS
@@ -45,27 +54,50 @@ def stored_precision(weights_dir: Path) -> str:
     return "bf16" if getattr(embedding, "dtype", None) == torch.bfloat16 else "fp32"
 
 
-def hf_plan(entries: list[Entry], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
+def ordered_groups(entries: list[Entry], load_order: list[frozenset[str]]
+                   ) -> list[list[list[Entry]]]:
+    """`hf_groups(entries)` per chunk of `layer_groups`, in load order, so that each chunk is
+    written out as soon as it is loaded."""
+    index = {key: i for i, keys in enumerate(load_order) for key in keys}
+    chunks: list[list[list[Entry]]] = [[] for _ in load_order]
+    for group in hf_groups(entries):
+        chunks[index[group_key(group[0].megatron)]].append(group)
+    return chunks
+
+
+def hf_plan(groups: list[list[Entry]], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
             dtype: torch.dtype) -> list[Planned]:
     """Name, shape and dtype of every HF tensor, in the order `hf_tensors` produces them."""
-    unmapped = sorted(set(params) - {entry.megatron for entry in entries})
+    unmapped = sorted(set(params) - {entry.megatron for group in groups for entry in group})
     if unmapped:
         raise RuntimeError(f"the family has no rule for Megatron parameters {unmapped[:3]}")
-    return [Planned(name, shape, dtype) for group in hf_groups(entries)
+    return [Planned(name, shape, dtype) for group in groups
             for name, shape in zip(group[0].hf, expected_hf_shapes(
                 group[0], tuple(params[group[0].megatron].shape), cfg))]
 
 
-def hf_tensors(entries: list[Entry], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
+def hf_tensors(groups: list[list[Entry]], cfg: MoEModelConfig, params: dict[str, torch.Tensor],
                dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every rule entry, from TP1/EP1 Megatron tensors, one at a time
-    (a stacked-experts rule: one layer's E experts at a time)."""
-    for group in hf_groups(entries):
+    """(HF name, tensor) for every group, from TP1/EP1 Megatron tensors, one at a time
+    (a stacked-experts rule: one layer's E experts at a time). A tensor already in `dtype` and
+    contiguous is the parameter's own memory (the writer only reads it)."""
+    for group in groups:
         entry = group[0]
         for name, tensor in zip(entry.hf, group_to_hf(group, cfg, params), strict=True):
             if entry.rule.pads_vocab:
                 tensor = tensor[: cfg.vocab_size]
-            yield name, tensor.detach().to(dtype, copy=True).contiguous()
+            yield name, tensor.detach().to(dtype).contiguous()
+
+
+def _streamed(model: torch.nn.Module, weights_dir: Path, groups: list,
+              tensors: list[Iterator]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Load one chunk of layers, yield its HF tensors, release its parameters; then the next.
+    Peak memory: about one chunk, not the model (parameters not yet loaded are never touched)."""
+    for keys, chunk_tensors in zip(load_groups(model, weights_dir, groups), tensors):
+        yield from chunk_tensors
+        for name, param in model.named_parameters():
+            if group_key(name) in keys:
+                param.data = param.data.new_empty(0)
 
 
 def exported_config(family: Family, cfg: MoEModelConfig, meta: dict, dtype: torch.dtype) -> dict:
@@ -101,13 +133,19 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None,
     iteration, meta, cfg, method = open_checkpoint(ckpt)
     family = family_for(meta["family"], str(iteration / "model.json"))
     out_dtype = DTYPES[dtype] if dtype else getattr(torch, meta.get("hf_dtype", "float32"))
+    map_large_buffers()
     init_parallel(ParallelConfig(), seed=0)
-    model, _, _ = load_megatron(iteration, precision=stored_precision(iteration / WEIGHTS))
+    weights = iteration / WEIGHTS
+    model = build_model(family, cfg, method, ParallelConfig(), stored_precision(weights))
+    set_routing_state(model, method)
     params = {megatron_name(name): p for name, p in model.named_parameters()}
-    entries = expand(family, cfg)
-    shards = plan_shards(hf_plan(entries, cfg, params, out_dtype), max_shard_bytes)
+    load = layer_groups(model)
+    chunks = ordered_groups(expand(family, cfg), [keys for keys, _ in load])
+    plan = hf_plan([group for chunk in chunks for group in chunk], cfg, params, out_dtype)
+    shards = plan_shards(plan, max_shard_bytes)
     with staged_directory(out) as staging:
-        write_shards(staging, shards, hf_tensors(entries, cfg, params, out_dtype))
+        write_shards(staging, shards, _streamed(
+            model, weights, load, [hf_tensors(chunk, cfg, params, out_dtype) for chunk in chunks]))
         _write_json(staging / "config.json", exported_config(family, cfg, meta, out_dtype))
         if meta.get("generation_config") is not None:
             _write_json(staging / "generation_config.json", meta["generation_config"])

@@ -1,7 +1,8 @@
 """A lazy, read-only view of an HF checkpoint directory under a family's canonical tensor names.
 
-Safetensors files (one, or shards with `model.safetensors.index.json`) are read through
-`safe_open(...).get_slice`, so a rank reads only the rows it asks for. Pickled `.bin` files are
+Safetensors files (one, or shards with `model.safetensors.index.json`) are validated by
+`safe_open` and read with `pread` (`tensor_io`), so a rank reads only the rows it asks for and no
+file stays memory-mapped. Pickled `.bin` files are
 opened only with `torch.load(weights_only=True, mmap=True)`. Other on-disk spellings of a tensor
 (the family's `hf_aliases`, fused `[E, ...]` expert tensors, MXFP4 `_blocks`/`_scales` pairs of the
 family's `mxfp4_tensors`, dequantised on read) appear under their canonical names.
@@ -10,7 +11,7 @@ family's `mxfp4_tensors`, dequantised on read) appear under their canonical name
 from __future__ import annotations
 
 import pickle
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.mapping import fill, pattern_regex
 from checkpoint_convert.mxfp4 import Mxfp4Tensor
+from checkpoint_convert.tensor_io import OpenFiles, data_offsets, read_selection
 from megatron_ec.models.family import Family
 from megatron_ec.textfile import TextFileError, read_json
 
@@ -29,40 +31,17 @@ _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-class _OpenFiles:
-    """At most `limit` safetensors files open (memory-mapped) at once.
-
-    Pages a rank touches stay in its resident set while the file is mapped; reads follow the
-    layer order of the shards, so closing the least recently used file bounds that to about
-    `limit` shards instead of the whole checkpoint.
-    """
-
-    def __init__(self, limit: int = 2) -> None:
-        self.limit = limit
-        self._handles: OrderedDict[Path, object] = OrderedDict()
-
-    def get(self, path: Path):
-        from safetensors import safe_open
-
-        if path in self._handles:
-            self._handles.move_to_end(path)
-        else:
-            self._handles[path] = safe_open(str(path), framework="pt")
-            if len(self._handles) > self.limit:
-                self._handles.popitem(last=False)
-        return self._handles[path]
-
-
 class _SafetensorsTensor:
-    """One tensor of a safetensors file; indexing reads only the selected rows."""
+    """One tensor of a safetensors file; indexing reads only the selected rows (`tensor_io`)."""
 
-    def __init__(self, files: _OpenFiles, path: Path, key: str, header_slice) -> None:
-        self._files, self._path, self._key = files, path, key
+    def __init__(self, files: OpenFiles, path: Path, start: int, header_slice) -> None:
+        self._files, self._path, self._start = files, path, start
         self.shape = tuple(header_slice.get_shape())
         self.dtype = _ST_DTYPES.get(header_slice.get_dtype())
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self._files.get(self._path).get_slice(self._key)[index]
+        return read_selection(self._files.fd(self._path), self._start, self.shape, self.dtype,
+                              index)
 
 
 @dataclass
@@ -123,7 +102,8 @@ class HFCheckpoint:
         self.bytes_read = 0
         """Bytes this process has read so far (a rank reads only its slices; MXFP4 tensors count
         at their dequantised size)."""
-        files = _OpenFiles()
+        files = OpenFiles()
+        weakref.finalize(self, files.close)
         quantized: dict[str, dict[str, _Source]] = {}
         for path in weight_files(self.hf_dir):
             for key, tensor in _open(path, files).items():
@@ -150,10 +130,13 @@ class HFCheckpoint:
 
     def read(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None
              ) -> torch.Tensor:
-        """Rows [start, stop) of `name` along `dim` (whole tensor by default), zero past the end."""
+        """Rows [start, stop) of `name` along `dim` (whole tensor by default), zero past the end,
+        as a new tensor that shares memory with nothing (the loader may adopt its storage)."""
         source = self._sources[name]
         stop = source.shape[dim] if stop is None else stop
         piece = source.read(dim, start, stop)
+        if isinstance(source.tensor, torch.Tensor):  # a memory-mapped pickle: copy it out
+            piece = piece.clone()
         self.bytes_read += piece.numel() * piece.element_size()
         return _zero_pad(piece, dim, stop - start)
 
@@ -250,20 +233,21 @@ def _indexed_files(index: Path) -> list[Path]:
     return files
 
 
-def _open(path: Path, files: _OpenFiles) -> dict[str, object]:
+def _open(path: Path, files: OpenFiles) -> dict[str, object]:
     if path.suffix == ".safetensors":
         return _open_safetensors(path, files)
     return _open_pickle(path)
 
 
-def _open_safetensors(path: Path, files: _OpenFiles) -> dict[str, object]:
+def _open_safetensors(path: Path, files: OpenFiles) -> dict[str, object]:
     """The tensors of a file, from its header (validated now; the data is read on demand)."""
     from safetensors import safe_open
 
     try:
-        handle = safe_open(str(path), framework="pt")
-        return {key: _SafetensorsTensor(files, path, key, handle.get_slice(key))
-                for key in handle.keys()}
+        with safe_open(str(path), framework="pt") as handle:
+            offsets = data_offsets(path)
+            return {key: _SafetensorsTensor(files, path, offsets[key][0], handle.get_slice(key))
+                    for key in handle.keys()}
     except Exception as err:  # noqa: BLE001 - SafetensorError is not importable by name
         raise ConversionError(str(path), f"corrupt safetensors file ({err})",
                               "re-download or re-save it") from None

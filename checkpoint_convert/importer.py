@@ -21,6 +21,7 @@ from checkpoint_convert.errors import ConversionError
 from checkpoint_convert.hf_checkpoint import HFCheckpoint
 from checkpoint_convert.load import check_names, load_hf
 from checkpoint_convert.mapping import expand
+from checkpoint_convert.memory import map_large_buffers
 from checkpoint_convert.model import build_model, precision_for, set_routing_state
 from checkpoint_convert.outputs import (
     check_input_dir,
@@ -227,6 +228,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, parallel: ParallelConfig = Pa
 
     from megatron_ec.parallel import init_parallel
 
+    map_large_buffers()
     init_parallel(parallel, seed=0)
     model = build_model(family, cfg, method, parallel, precision_for(dtype))
     error = None

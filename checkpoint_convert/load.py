@@ -3,7 +3,8 @@
 Before anything is read: every HF tensor is mapped by a rule or ignored by the family, every rule
 finds its tensors, and every HF shape equals the shape the rule derives from the Megatron model
 (all ranks check all names and shapes, from file headers only, so they fail alike). Then each rank
-reads only its own slices: its experts, and its TP piece of every split tensor.
+reads only its own slices: its experts, and its TP piece of every split tensor, and of a tensor
+replicated over ranks only the replica it saves (`saved_storages`).
 """
 
 from __future__ import annotations
@@ -140,22 +141,65 @@ def read_param(ckpt: HFCheckpoint, entry: Entry, name: str, p: RankParam,
     return _shard(name, p.param, full, p.rank, p.size, gated=True) if p.split else full
 
 
+def saved_storages(model: torch.nn.Module) -> set[int] | None:
+    """Storage addresses of the parameters this rank's torch_dist save writes; None: all.
+
+    The save writes each replicated tensor (attention, embeddings, shared experts under EP or
+    data parallelism) from its main replica only (`TorchDistSaveShardedStrategy`,
+    `keep_only_main_replica=True`), so the other replicas need not be read: across ranks every
+    HF byte is read once. Megatron-Core checks at save time that every tensor has its writer.
+    """
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+        is_main_replica,
+    )
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return {value.data.untyped_storage().data_ptr()
+            for value in nested_values(model.sharded_state_dict())
+            if isinstance(value, (ShardedTensor, ShardedTensorFactory))
+            and isinstance(value.data, torch.Tensor) and is_main_replica(value.replica_id)}
+
+
 def load_hf(model: torch.nn.Module, family: Family, cfg: MoEModelConfig,
             ckpt: HFCheckpoint) -> None:
-    """Check the whole mapping, then fill every parameter of this rank from `ckpt`."""
+    """Check the whole mapping, then fill the parameters this rank saves from `ckpt` (the
+    replicas another rank saves are zeroed, not read)."""
     entries = expand(family, cfg)
     check_names(ckpt, entries, family)
     params = rank_params(model)
     check_shapes(ckpt, entries, params, cfg)
     by_name = {entry.megatron: entry for entry in entries}
+    saved = saved_storages(model)
     for name, p in params.items():
         if name not in by_name:
             raise RuntimeError(f"family {family.model_type} has no rule for Megatron parameter "
                                f"{name}")
+        if saved is not None and p.param.untyped_storage().data_ptr() not in saved:
+            with torch.no_grad():
+                p.param.zero_()
+            continue
         value = read_param(ckpt, by_name[name], name, p, cfg)
         if tuple(value.shape) != tuple(p.param.shape):
             raise RuntimeError(f"{name}: rule produced {tuple(value.shape)}, parameter is "
                                f"{tuple(p.param.shape)} (a to_megatron that does not commute "
                                "with TP slicing must set shardable=False)")
-        with torch.no_grad():
-            p.param.copy_(value)
+        _assign(p.param, value)
+
+
+def _assign(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """`param.copy_(value)`, or, when `value` is a fresh tensor of the parameter's dtype that
+    owns exactly its storage (what `HFCheckpoint.read` returns), adopt its storage: the bytes
+    just read become the parameter without a second pass over them."""
+    fresh = (value.dtype == param.dtype and value.device == param.device
+             and value.is_contiguous() and value.storage_offset() == 0
+             and value.untyped_storage().nbytes() == value.numel() * value.element_size())
+    with torch.no_grad():
+        if fresh:
+            param.data = value
+        else:
+            param.copy_(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -75,31 +76,77 @@ def open_checkpoint(ckpt: str | Path) -> tuple[Path, dict, MoEModelConfig, Metho
                               ) from None
 
 
-def load_by_layer(model: torch.nn.Module, weights_dir: Path) -> None:
-    """Load torch_dist weights one decoder layer at a time.
+LOAD_PARTS = 8
+"""Decoder-layer chunks a checkpoint is loaded in (plus one for the embedding, final norm and
+output layer). Each `dist_checkpointing.load` call re-reads the checkpoint's metadata, whose size
+grows with the model, so the number of calls is fixed rather than one per layer; memory is about
+1/8 of the model above what stays loaded."""
+
+
+def layer_groups(model: torch.nn.Module, parts: int = LOAD_PARTS
+                 ) -> list[tuple[frozenset[str], dict]]:
+    """The model's sharded state dict in load order: `parts` chunks of consecutive decoder
+    layers, then "other". Each chunk: (its `group_key`s, its sharded state dict). Chunks depend
+    on layer indices only, so every rank makes the same number of (collective) loads."""
+    by_key: dict[str, dict] = defaultdict(dict)
+    for key, value in model.sharded_state_dict().items():
+        by_key[group_key(key)][key] = value
+    layers = sorted((k for k in by_key if k != "other"), key=int)
+    size = max(1, -(-len(layers) // parts))
+    chunks = [layers[i: i + size] for i in range(0, len(layers), size)]
+    chunks += [["other"]] * ("other" in by_key)
+    return [(frozenset(chunk), {k: v for key in chunk for k, v in by_key[key].items()})
+            for chunk in chunks]
+
+
+def load_groups(model: torch.nn.Module, weights_dir: Path,
+                groups: list[tuple[frozenset[str], dict]] | None = None
+                ) -> Iterator[frozenset[str]]:
+    """Load torch_dist weights one chunk of `layer_groups` at a time, yielding each chunk's keys
+    once it is in the model (a caller may write it out and release it before the next).
 
     Megatron-Core materialises merged copies of expert and gated-MLP tensors while loading, so a
-    whole-model load briefly needs about twice the model; per layer, only one layer's copies.
+    whole-model load briefly needs about twice the model; per chunk, only one chunk's copies.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-    groups: dict[str, dict] = defaultdict(dict)
-    for key, value in model.sharded_state_dict().items():
-        match = _LAYER.match(key)
-        groups[match.group(1) if match else "other"][key] = value
+    groups = layer_groups(model) if groups is None else groups
+    expected = [k for k in model.state_dict() if not k.endswith("_extra_state")]
     loaded: set[str] = set()
-    while groups:
-        # Popped: dist_checkpointing.load fills the group's sharded objects with loaded copies.
-        group = groups.pop(next(iter(groups)))
-        state = dist_checkpointing.load(group, str(weights_dir))
-        model.load_state_dict(state, strict=False)
-        loaded |= state.keys()
-        del state, group
-    missing = [k for k in model.state_dict() if k not in loaded and not k.endswith("_extra_state")]
+    strategy = TorchDistLoadShardedStrategy(cache_metadata=True)  # metadata read once per load
+    try:
+        while groups:
+            # Popped: dist_checkpointing.load fills the chunk's sharded objects with loaded copies.
+            keys, group = groups.pop(0)
+            state = dist_checkpointing.load(group, str(weights_dir), sharded_strategy=strategy)
+            del group
+            model.load_state_dict(state, strict=False)
+            loaded |= state.keys()
+            del state
+            yield keys
+    finally:
+        CachedMetadataFileSystemReader.clear_metadata_cache()  # a later save may replace it
+    missing = [k for k in expected if k not in loaded]
     if missing:
         raise ConversionError(str(weights_dir), f"no tensor for {missing[0]}"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}",
                               "was the checkpoint written for another model config?")
+
+
+def load_by_layer(model: torch.nn.Module, weights_dir: Path) -> None:
+    """Load torch_dist weights into the whole model, a chunk of decoder layers at a time."""
+    for _ in load_groups(model, weights_dir):
+        pass
+
+
+def group_key(name: str) -> str:
+    """The `layer_groups` key of a (TP1/EP1 or rank) parameter name."""
+    match = _LAYER.match(name.removeprefix("module."))
+    return match.group(1) if match else "other"
 
 
 def load_megatron(ckpt: str | Path, parallel: ParallelConfig = ParallelConfig(),

@@ -62,6 +62,9 @@ ALLOWED: dict[str, str] = {
         "host-side token batch of the analyses; `capture.forward` moves it with `.to(device)`",
     "megatron_ec/analysis/activation.py::layer_counts":
         "host totals of the activation counts; each batch's counts are copied in with `.cpu()`",
+    "checkpoint_convert/tensor_io.py::read_selection":
+        "bytes read from a file land in host memory; `load._assign` adopts them only on a host "
+        "parameter and otherwise copies them across devices with `copy_`",
     "checkpoint_convert/verify.py::random_tokens":
         "seeded host generator (reproducible on any machine); `megatron_logits` moves the "
         "tokens to the model's device, `hf_logits` runs the HF model on the host",
