@@ -16,7 +16,7 @@ Per step, `ep_metrics(model)` (every rank, one collective) reports, over all ran
     ep/a2a_remote_bytes_max|mean the same, only the slots sent to other EP ranks
     ep/tokens_received_max|mean  (token, expert) rows the dispatcher delivered to a rank's experts
     ep/expert_rows_max|mean      rows a rank's experts compute: received plus replicated condensers
-    ep/placeholders_max|mean     placeholder slots per destination EP rank (summed over senders)
+    ep/placeholders_max|mean     placeholder slots a rank's experts received (from every sender)
 """
 
 from __future__ import annotations
@@ -104,14 +104,22 @@ def _local_totals(model: torch.nn.Module, device) -> torch.Tensor | None:
     return totals
 
 
-def _placeholder_load(model: torch.nn.Module, device) -> torch.Tensor | None:
+def _placeholders_received(model: torch.nn.Module, device, distributed: bool):
+    """Placeholder slots this rank received since the last call: every sender of its EP group
+    counted them per destination (one all-reduce over the EP group); None without routers."""
     from megatron_ec.moe import state
 
-    loads = [r.take_placeholder_load() for r in state.ec_routers(model)]
-    loads = [x for x in loads if x is not None]
-    if not loads:
+    routers = state.ec_routers(model)
+    if not routers:
         return None
-    return torch.stack(loads).sum(dim=0).to(device, torch.float64)
+    per_destination = torch.stack([r.take_placeholder_load() for r in routers]).sum(dim=0)
+    per_destination = per_destination.to(device, torch.float64)
+    if not distributed:
+        return per_destination[0]
+    from megatron.core import parallel_state as ps
+
+    dist.all_reduce(per_destination, group=ps.get_expert_model_parallel_group())
+    return per_destination[ps.get_expert_model_parallel_rank()]
 
 
 def ep_metrics(model: torch.nn.Module, group=None) -> dict[str, float]:
@@ -123,22 +131,17 @@ def ep_metrics(model: torch.nn.Module, group=None) -> dict[str, float]:
     totals = _local_totals(model, device)
     if totals is None:
         return {}
-    placeholders = _placeholder_load(model, device)
-    size = dist.get_world_size(group) if distributed else 1
-    pieces = [torch.zeros_like(totals) for _ in range(size)]
+    placeholders = _placeholders_received(model, device, distributed)
+    names = _FIELDS
+    if placeholders is not None:
+        totals, names = torch.cat([totals, placeholders.reshape(1)]), _FIELDS + ("placeholders",)
+    pieces = [totals]
     if distributed:
+        pieces = [torch.zeros_like(totals) for _ in range(dist.get_world_size(group))]
         dist.all_gather(pieces, totals, group=group)
-    else:
-        pieces = [totals]
-    per_rank = torch.stack(pieces).cpu()  # [ranks, 4]: the step's one host read
+    per_rank = torch.stack(pieces).cpu()  # [ranks, fields]: the step's one host read
     metrics = {}
-    for index, name in enumerate(_FIELDS):
+    for index, name in enumerate(names):
         metrics[f"ep/{name}_max"] = float(per_rank[:, index].max())
         metrics[f"ep/{name}_mean"] = float(per_rank[:, index].mean())
-    if placeholders is not None:
-        if distributed:
-            dist.all_reduce(placeholders, group=group)
-        host = placeholders.cpu()
-        metrics["ep/placeholders_max"] = float(host.max())
-        metrics["ep/placeholders_mean"] = float(host.mean())
     return metrics

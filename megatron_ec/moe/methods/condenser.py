@@ -113,16 +113,12 @@ class ExpertCondenser(BiasRouting):
     def dispatcher_slots(self, facts: MoEFacts) -> int:
         """k + max r (reference mode) or k (paper), routed; replicated: the slots left once the
         condensers leave the dispatch, k - min r (paper) or k (reference). Layers below the
-        maximum pad with zero-weight placeholders."""
+        maximum pad with zero-weight placeholders; r = k everywhere (paper) leaves nothing to
+        dispatch, but Megatron-Core's dispatcher needs a slot: one placeholder per token."""
         per_layer = self.config.condensers_for(facts.moe_layers)
         routing = self.routing(facts)
         left = 1 if self.config.replicated else 0
-        slots = max(num_slots(routing, r) - left * r for r in per_layer.values())
-        if slots < 1:
-            raise ValueError(f"method.condenser_placement=replicated with r = k = {routing.topk} "
-                             "leaves no slot to dispatch; lower method.num_condensers or use "
-                             "condenser_placement=routed")
-        return slots
+        return max(1, max(num_slots(routing, r) - left * r for r in per_layer.values()))
 
     def router_builder(self, facts: MoEFacts) -> Callable:
         return functools.partial(super().router_builder(facts),
