@@ -33,6 +33,8 @@ from tests.test_finetune_support import (  # noqa: F401
 PHASE_STEPS = {"phase1": 4, "phase2": 3}
 RESUME_PHASE1_AT = 2
 NOT_COMPARED = ("tokens_per_s", "step_time")
+LAYOUT_COUNTERS = "ep/"
+"""The EP counters (all-to-all bytes, per-rank loads) describe the layout, so they differ."""
 
 
 def _recipe(demo, out, nproc: int, tp: int, ep: int, **env):
@@ -74,6 +76,8 @@ def test_resume_across_layouts_continues_like_the_uninterrupted_run(runs, phase)
     for ref, got in zip(reference, resumed):
         assert ref.keys() == got.keys()
         for key in sorted(set(ref) - set(NOT_COMPARED)):
+            if key.startswith(LAYOUT_COUNTERS):
+                continue
             if isinstance(ref[key], float):
                 assert_close_scaled(got[key], ref[key], FP32_LAYOUT,
                                     f"{phase} step {ref['step']} {key}")

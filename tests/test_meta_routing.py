@@ -133,6 +133,11 @@ ROUTER_METHODS = {
     "condenser-paper": dict(name="condenser", num_condensers=2, gamma=1e-3),
     "condenser-reference-per-layer-r": dict(name="condenser", condenser_mode="reference",
                                             num_condensers=[1, 2], gamma=1e-3),
+    "condenser-paper-replicated": dict(name="condenser", num_condensers=[1, 2], gamma=1e-3,
+                                       condenser_placement="replicated"),
+    "condenser-reference-replicated": dict(name="condenser", condenser_mode="reference",
+                                           num_condensers=[1, 2], gamma=1e-3,
+                                           condenser_placement="replicated"),
 }
 
 
@@ -149,6 +154,11 @@ def test_router_forward_and_end_step_run_on_meta(one_rank, which, padding):
         probs, routing_map = router(hidden, padding_mask=padding_mask)
         assert probs.shape == routing_map.shape == (SEQ * BATCH, router.config.num_moe_experts)
         assert probs.device == META
+        weights = router.take_condenser_weights()  # replicated placement: for the MoE layer
+        assert (weights is not None) == ("replicated" in which)
+        if weights is not None:
+            assert weights.device == META and weights.shape[1] == router.condenser_ids.numel()
+            probs = probs + weights.sum()
         probs.sum().backward()
         stats = router.step_statistics()  # what bias_update_step all-reduces
         assert stats.device == META and stats.shape == (router.config.num_moe_experts + 2,)

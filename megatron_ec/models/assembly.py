@@ -17,6 +17,7 @@ from megatron_ec.models.builder import (
 )
 from megatron_ec.models.config import MoEModelConfig
 from megatron_ec.models.family import Family
+from megatron_ec.moe.ep_counters import install_ep_counters
 from megatron_ec.moe.methods import Method
 from megatron_ec.parallel import ParallelConfig
 
@@ -47,5 +48,8 @@ def assemble_model(model_cfg: MoEModelConfig, method: Method, parallel: Parallel
     hook = family.attention_hook(model_cfg) if family is not None else None
     spec = decoder_block_spec(tcfg, method.router_builder(facts), hook,
                               experts_builder=method.experts_builder(facts),
-                              experts_wrapper=method.experts_wrapper(facts))
-    return build_gpt_model(model_cfg, tcfg, spec), tcfg
+                              experts_wrapper=method.experts_wrapper(facts),
+                              moe_layer=method.moe_layer_class(facts))
+    model = build_gpt_model(model_cfg, tcfg, spec)
+    install_ep_counters(model)
+    return model, tcfg

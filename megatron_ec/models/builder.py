@@ -156,6 +156,9 @@ def transformer_config(model: MoEModelConfig, parallel: ParallelConfig,
         hidden_dropout=0.0,
         num_moe_experts=model.num_experts,
         moe_router_topk=runtime.num_router_slots or model.topk,
+        # Only Megatron-Core's own top-k routing reads this flag, and ECRouter replaces it; MCore
+        # refuses topk=1 without it (replicated condensers can leave one dispatched slot).
+        moe_router_pre_softmax=(runtime.num_router_slots or model.topk) == 1,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=model.shared_expert_size or None,
         moe_shared_expert_gate=model.shared_expert_gate,
@@ -238,7 +241,8 @@ def local_block_spec(tcfg):
 def decoder_block_spec(tcfg, router_builder: Callable | None = None,
                        attention_hook: Callable | None = None,
                        experts_builder: Callable | None = None,
-                       experts_wrapper: Callable | None = None):
+                       experts_wrapper: Callable | None = None,
+                       moe_layer: type | None = None):
     """The decoder block spec for this machine's backend, with a method's router injected.
 
     Args:
@@ -248,6 +252,7 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
             full-width QK-norm); called with and returning the block spec.
         experts_builder: a method's `MoESubmodules.experts` builder; None = MCore's experts.
         experts_wrapper: a method's function of the experts builder (`Method.experts_wrapper`).
+        moe_layer: a method's `MoELayer` subclass (`Method.moe_layer_class`); None = MCore's.
     """
     if use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -257,9 +262,9 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
         spec = local_block_spec(tcfg)
     if attention_hook is not None:
         spec = attention_hook(spec)
-    if router_builder is not None or experts_builder is not None or experts_wrapper is not None:
+    if any(x is not None for x in (router_builder, experts_builder, experts_wrapper, moe_layer)):
         spec = inject_moe_submodules(spec, router=router_builder, experts=experts_builder,
-                                     wrap_experts=experts_wrapper)
+                                     wrap_experts=experts_wrapper, layer_class=moe_layer)
     return spec
 
 

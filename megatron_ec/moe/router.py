@@ -21,6 +21,11 @@ Terms (Megatron-Core's, plus ours):
     num_slots       experts dispatched per token (`moe_router_topk` of the dispatcher): k, or
                     k + max r in reference mode; layers with fewer condensers pad with
                     zero-weight placeholder experts so the dispatcher sees the same count.
+                    Placeholders are spread over the EP ranks (`moe.placeholders`).
+    replicated      condenser placement "replicated" (`moe.replicated`): the condenser columns
+                    leave the dispatched map (k - r slots in paper mode, k in reference mode);
+                    their gate weights, the same values as routed, go to the MoE layer, which
+                    computes the condensers on this rank's tokens.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_a
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_ec.moe.fp32_buffers import KeepsFp32Buffers
+from megatron_ec.moe.placeholders import add_placeholders, placeholder_load
 from megatron_ec.moe.policy import RouterPolicy
 from megatron_ec.moe.routing import (
     RoutingConfig,
-    add_placeholders,
     expert_usage,
     num_slots,
     route,
@@ -53,12 +58,13 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
     `record_scores`).
     """
 
-    fp32_buffers = ("selection_bias", "usage_accum", "gate_accum", "last_usage", "last_gate")
+    fp32_buffers = ("selection_bias", "usage_accum", "gate_accum", "last_usage", "last_gate",
+                    "placeholder_accum")
     """Stay fp32 whatever the model is cast to; device moves still apply."""
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
                  routing_cfg: RoutingConfig, policy: RouterPolicy, slots: int,
-                 record_scores: bool = False) -> None:
+                 record_scores: bool = False, replicated: bool = False) -> None:
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         num_experts = config.num_moe_experts
         if slots != config.moe_router_topk:
@@ -66,6 +72,11 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         self.routing_cfg = routing_cfg
         self.policy = policy
         self.slots = slots
+        self.replicated = replicated
+        """Condensers computed by the MoE layer on this rank (`moe.replicated`), not dispatched."""
+        self.placeholder_groups = config.expert_model_parallel_size
+        self.condenser_weights: torch.Tensor | None = None
+        """Replicated placement: the gate weights [T, r] of the last forward, for the layer."""
         device, fp32 = self.weight.device, torch.float32  # where the router's weight lives
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=fp32, device=device))
         self.register_buffer("usage_accum", torch.zeros(num_experts, dtype=fp32, device=device),
@@ -79,6 +90,10 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         self.register_buffer("last_gate", torch.full((), float("nan"), dtype=fp32, device=device),
                              persistent=False)
         self.register_buffer("condenser_ids", torch.empty(0, dtype=torch.long, device=device),
+                             persistent=False)
+        # placeholder slots sent to each EP rank since the last `take_placeholder_load`
+        self.register_buffer("placeholder_accum",
+                             torch.zeros(self.placeholder_groups, dtype=fp32, device=device),
                              persistent=False)
         self.record_scores = record_scores
         """Keep `spec_record` in training forwards (the specialisation losses, `moe.spec_losses`)."""
@@ -111,9 +126,12 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
         bias_E = self.selection_bias if self.policy.select_with_bias else None
         condensers = self._active_condensers()
-        probs_TE, routing_map_TE = _route_padded(logits_TE, self.routing_cfg, bias_E, condensers,
-                                                 self.slots)
+        probs_TE, routing_map_TE = route(logits_TE, self.routing_cfg, bias_E, condensers,
+                                         self.placeholder_groups)
+        sent_TE, map_TE = self._dispatched(probs_TE, routing_map_TE, condensers)
         if self.training and torch.is_grad_enabled():
+            # Dispatch load: padding tokens are dispatched too, so they count here.
+            self.placeholder_accum += placeholder_load(map_TE, sent_TE, self.placeholder_groups)
             # Only the forward that builds the graph counts: eval and no-grad forwards never do,
             # and under activation recompute exactly one of the two passes has grad enabled.
             self._accumulate(logits_TE.detach(), probs_TE.detach(), padding_T, bias_E, condensers)
@@ -123,8 +141,39 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
                 self.spec_record = (torch.softmax(logits_TE.float(), dim=-1), real_T,
                                     routing_map_TE.detach())
             if self.is_aux_loss_enabled():
-                probs_TE = self._attach_aux_loss(logits_TE, probs_TE, padding_T, seq_length, batch)
+                sent_TE = self._attach_aux_loss(logits_TE, sent_TE, padding_T, seq_length, batch)
+        return sent_TE, map_TE
+
+    def _dispatched(self, probs_TE, routing_map_TE, condensers):
+        """(probs, map) for the dispatcher: replicated condensers taken out, then zero-weight
+        placeholders up to `slots`; keeps the replicated gate weights in `condenser_weights`."""
+        r = 0 if condensers is None else condensers.numel()
+        # From the config, not the map's values: route() gives num_slots(cfg, r) per token.
+        count = num_slots(self.routing_cfg, r)
+        occupied_TE = None
+        self.condenser_weights = None
+        if self.replicated and r:
+            # The same values as the routed columns (a duplicate's two weights already summed).
+            self.condenser_weights = probs_TE.index_select(1, condensers)
+            occupied_TE = torch.zeros_like(routing_map_TE[:1]).index_fill(1, condensers, True)
+            probs_TE = probs_TE.index_fill(1, condensers, 0.0)
+            routing_map_TE = routing_map_TE.index_fill(1, condensers, False)
+            count -= r
+        if count < self.slots:
+            routing_map_TE = add_placeholders(routing_map_TE, self.slots, self.placeholder_groups,
+                                              occupied_TE, max_missing=self.slots - count)
         return probs_TE, routing_map_TE
+
+    def take_condenser_weights(self) -> torch.Tensor | None:
+        """The replicated condensers' gate weights [T, r] of the last forward, cleared."""
+        weights, self.condenser_weights = self.condenser_weights, None
+        return weights
+
+    def take_placeholder_load(self) -> torch.Tensor:
+        """Placeholder slots sent to each EP rank since the last call [G], then reset."""
+        load = self.placeholder_accum.clone()
+        self.placeholder_accum.zero_()
+        return load
 
     @torch.no_grad()
     def _accumulate(self, logits_TE, probs_TE, padding_T, bias_E, condensers) -> None:
@@ -183,12 +232,3 @@ class ECRouter(KeepsFp32Buffers, TopKRouter):
         probs_TE = self._apply_seq_aux_loss(probs_TE, aux_scores_TE, aux_map_TE, seq_length, batch,
                                             with_padding_mask=with_padding)
         return probs_TE
-
-
-def _route_padded(logits_TE, cfg: RoutingConfig, bias_E, condensers, slots: int):
-    """`route()`, then zero-weight placeholders up to `slots` (layers with r below the max)."""
-    probs_TE, routing_map_TE = route(logits_TE, cfg, bias_E, condensers)
-    # From the config, not the map's values: route() gives num_slots(cfg, r) per token.
-    if num_slots(cfg, 0 if condensers is None else condensers.numel()) < slots:
-        routing_map_TE = add_placeholders(routing_map_TE, slots)
-    return probs_TE, routing_map_TE

@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from megatron_ec.moe.placeholders import add_placeholders
+
 Condensers = Optional[Union[torch.Tensor, Sequence[int]]]
 
 # Guards 0/0 when every selected probability underflows; far below fp32 resolution of real sums.
@@ -358,19 +360,12 @@ def _slots(key_TE: torch.Tensor, cfg: RoutingConfig, condensers_R: torch.Tensor)
     return torch.cat([dynamic_TK, forced_TR], dim=1)
 
 
-def add_placeholders(routing_map_TE: torch.Tensor, count: int) -> torch.Tensor:
-    """Marks the lowest-id unselected experts until every row has `count` True entries."""
-    missing_T = count - routing_map_TE.sum(dim=-1)
-    free_TE = ~routing_map_TE
-    free_rank_TE = free_TE.long().cumsum(dim=-1)
-    return routing_map_TE | (free_TE & (free_rank_TE <= missing_T.unsqueeze(1)))
-
-
 def route(
     logits_TE: torch.Tensor,
     cfg: RoutingConfig,
     bias_E: Optional[torch.Tensor] = None,
     condensers: Condensers = None,
+    placeholder_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selects experts and computes gate weights, in Megatron-Core's (probs, routing_map) form.
 
@@ -379,7 +374,8 @@ def route(
     logits. Reference mode (public code): slots = TopK(key, k) ++ J, gate weights from the score
     function applied to s + b, also when r = 0 (sigmoid: sigmoid(s + b), an extrapolation; the code
     has no sigmoid family); a condenser also in the top-k gets both weights summed and its extra
-    slot goes to a zero-weight placeholder (the lowest-id expert not otherwise selected). Weights
+    slot goes to a zero-weight placeholder (spread over `placeholder_groups` EP ranks by the rule
+of `moe.placeholders`; with 1, the lowest-id expert not otherwise selected). Weights
     are renormalised over the slots iff `norm_topk_prob` (duplicates counted twice), then scaled.
 
     Args:
@@ -387,6 +383,8 @@ def route(
         cfg: routing config of the layer.
         bias_E: fp32 selection bias [E]; None = zeros. Never differentiated.
         condensers: condenser ids [r] (LongTensor or ints); None or empty = none.
+        placeholder_groups: the EP ranks the placeholders are spread over (the value changes
+            which zero-weight expert takes a slot, never a weight or a gradient).
 
     Returns:
         probs_TE: fp32 [T, E] gate weights, zero off the selection, differentiable w.r.t. logits.
@@ -413,7 +411,8 @@ def route(
     probs_TE = torch.zeros_like(logits_TE).scatter_add(1, slots_TK, weights_TK)
     routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, slots_TK, True)
     if not mode.dynamic_excludes_condensers:
-        routing_map_TE = add_placeholders(routing_map_TE, count)
+        routing_map_TE = add_placeholders(routing_map_TE, count, placeholder_groups,
+                                          max_missing=condensers_R.numel())
     if _reads_values(routing_map_TE):  # the dispatcher's invariant; a host read on a device
         assert bool((routing_map_TE.sum(dim=-1) == count).all()), "routing_map row sum != num_slots"
     return probs_TE, routing_map_TE

@@ -17,12 +17,14 @@ def is_moe_mlp(mlp) -> bool:
     """An MoE layer's MLP entry of a layer spec (`functools.partial(MoELayer, ...)`)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    return isinstance(mlp, functools.partial) and mlp.func is MoELayer
+    return (isinstance(mlp, functools.partial) and isinstance(mlp.func, type)
+            and issubclass(mlp.func, MoELayer))
 
 
 def inject_moe_submodules(block_spec, router: Callable | None = None,
                           experts: Callable | None = None,
-                          wrap_experts: Callable | None = None):
+                          wrap_experts: Callable | None = None,
+                          layer_class: type | None = None):
     """Return a copy of `block_spec` whose MoE layers build the given router and experts.
 
     Args:
@@ -32,6 +34,8 @@ def inject_moe_submodules(block_spec, router: Callable | None = None,
         experts: an `MoESubmodules.experts` builder; None keeps the spec's (MCore's experts).
         wrap_experts: a function of the experts builder (after `experts`) returning the one to
             build, e.g. MCore's experts class with a mixin (the specialisation losses).
+        layer_class: a subclass of MCore's `MoELayer` to build instead of it (replicated
+            condensers, `moe.replicated`); None keeps the spec's.
 
     Returns:
         A new `TransformerBlockSubmodules`; dense layers and everything else are unchanged.
@@ -47,7 +51,8 @@ def inject_moe_submodules(block_spec, router: Callable | None = None,
             if wrap_experts is not None:
                 submodules = dataclasses.replace(submodules,
                                                  experts=wrap_experts(submodules.experts))
-            mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": submodules})
+            mlp = functools.partial(layer_class or mlp.func, *mlp.args,
+                                    **{**mlp.keywords, "submodules": submodules})
             layer_spec = dataclasses.replace(
                 layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp)
             )

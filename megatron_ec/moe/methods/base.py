@@ -203,6 +203,11 @@ class Method:
         """The `MoESubmodules.experts` builder; None keeps Megatron-Core's experts."""
         return None
 
+    def moe_layer_class(self, facts: MoEFacts) -> type | None:
+        """A subclass of Megatron-Core's `MoELayer` for every MoE layer (the spec's MLP seam);
+        None keeps `MoELayer`. Condensers with `condenser_placement=replicated` use one."""
+        return None
+
     def experts_wrapper(self, facts: MoEFacts) -> Callable | None:
         """A function of the experts builder (the spec's or `experts_builder`'s) returning the
         one to build; None = as is. The orthogonality loss keeps the unweighted outputs."""
@@ -263,9 +268,12 @@ class Method:
             self._spec_meter.end_step()
 
     def metrics(self, model: torch.nn.Module) -> dict[str, object]:
-        """Per-step metrics (after `after_optimizer_step`)."""
+        """Per-step metrics (after `after_optimizer_step`; the EP counters are a collective:
+        call on every rank)."""
+        from megatron_ec.moe.ep_counters import ep_metrics
+
         spec = self._spec_meter.last if self._spec_meter is not None else {}
-        return {**router_ops.routing_metrics(model), **spec}
+        return {**router_ops.routing_metrics(model), **ep_metrics(model), **spec}
 
     # Export and HF restore.
     def changes_routing(self) -> bool:

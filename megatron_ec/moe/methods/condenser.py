@@ -9,7 +9,9 @@ resume, at export and in the HF restore.
 from __future__ import annotations
 
 import logging
+import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,6 +22,9 @@ from megatron_ec.moe.methods.registry import register
 from megatron_ec.moe.routing import num_slots, select_condensers
 
 logger = logging.getLogger(__name__)
+
+
+PLACEMENTS = ("routed", "replicated")
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,26 @@ class CondenserConfig(BiasConfig):
     force_condensers: bool = True
     """False drops the forcing at evaluation (paper Sec. 6.3 persistent-path ablation). An
     evaluation switch only: a training config with false is refused (it would train bias-only)."""
+    condenser_placement: str = "routed"
+    """"routed" (the condensers stay routed experts on their EP ranks, dispatched like any pick)
+    or "replicated" (every rank computes them on its own tokens with the same gate weights; only
+    the other slots travel the all-to-all; weights stored in the routed layout; see
+    docs/EP_PLACEMENT.md). The math is the same; replicated needs experts without biases and
+    no orthogonality loss."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "condensers", layer_ids(self.condensers))
+        if self.condenser_placement not in PLACEMENTS:
+            raise ValueError(f"method.condenser_placement={self.condenser_placement!r}: use one "
+                             f"of {', '.join(PLACEMENTS)}")
+        if self.replicated and "orthogonality" in self.spec_losses:
+            raise ValueError("method.spec_losses.orthogonality needs every expert's output from "
+                             "the dispatcher; use method.condenser_placement=routed with it")
+
+    @property
+    def replicated(self) -> bool:
+        return self.condenser_placement == "replicated"
 
     def check_for_training(self) -> None:
         if not self.force_condensers:
@@ -90,8 +111,25 @@ class ExpertCondenser(BiasRouting):
     Decisions = CondenserDecisions
 
     def dispatcher_slots(self, facts: MoEFacts) -> int:
+        """k + max r (reference mode) or k (paper), routed; replicated: the slots left once the
+        condensers leave the dispatch, k - min r (paper) or k (reference). Layers below the
+        maximum pad with zero-weight placeholders; r = k everywhere (paper) leaves nothing to
+        dispatch, but Megatron-Core's dispatcher needs a slot: one placeholder per token."""
         per_layer = self.config.condensers_for(facts.moe_layers)
-        return max(num_slots(self.routing(facts), r) for r in per_layer.values())
+        routing = self.routing(facts)
+        left = 1 if self.config.replicated else 0
+        return max(1, max(num_slots(routing, r) - left * r for r in per_layer.values()))
+
+    def router_builder(self, facts: MoEFacts) -> Callable:
+        return functools.partial(super().router_builder(facts),
+                                 replicated=self.config.replicated)
+
+    def moe_layer_class(self, facts: MoEFacts) -> type | None:
+        if not self.config.replicated:
+            return None
+        from megatron_ec.moe.replicated import ReplicatedCondenserMoELayer
+
+        return ReplicatedCondenserMoELayer
 
     def begin_phase(self, start: PhaseStart) -> None:
         """Keep the decided condensers when resuming; otherwise fix J per layer, first match
@@ -136,6 +174,26 @@ class ExpertCondenser(BiasRouting):
                                  f"{per_layer[router.layer_index]} but {len(ids)} condensers "
                                  "are recorded; begin the condenser phase first")
         super().apply(model)
+        if self.config.replicated:
+            from megatron_ec.moe.replicated import refresh_replicas
+
+            refresh_replicas(model)
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Replicated: the replicas' gradients into their owners' `main_grad`."""
+        super().after_backward(model)
+        if self.config.replicated:
+            from megatron_ec.moe.replicated import reduce_replica_grads
+
+            reduce_replica_grads(model)
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        """Bias update; replicated: the replicas refreshed from the updated owners."""
+        super().after_optimizer_step(model)
+        if self.config.replicated:
+            from megatron_ec.moe.replicated import refresh_replicas
+
+            refresh_replicas(model)
 
     def forced_condensers(self, layer: int) -> list[int]:
         if not self.config.force_condensers:
