@@ -82,6 +82,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model between the lines
 
 
 def main(argv: list[str] | None = None) -> int:
