@@ -35,29 +35,12 @@ CONDENSERS = {0: [3], 1: [5]}
 
 def condenser_checkpoint(plain_ckpt: Path, dst: Path) -> Path:
     """A copy of an imported checkpoint with fixed condensers and non-trivial selection biases."""
-    from checkpoint_convert.model import build_model, open_checkpoint, set_routing_state
-    from megatron_ec.models.ckpt_dir import TOKENIZER, WEIGHTS, publish, staging_dir, write_model_meta
-    from megatron_ec.models.dist_ckpt import load_model_weights, save_model_weights
-    from megatron_ec.models.family import get_family
     from megatron_ec.moe.methods import make_method
-    from megatron_ec.moe.methods.saved import save_method
-    from megatron_ec.parallel import ParallelConfig
+    from tests.test_convert_condenser import with_routing
 
-    iteration, meta, cfg, _ = open_checkpoint(plain_ckpt)
     method = make_method("condenser", num_condensers=1, gamma=1e-3, condensers=CONDENSERS,
                          decisions={"condensers": CONDENSERS})
-    model = build_model(get_family(meta["family"]), cfg, method, ParallelConfig())
-    load_model_weights(model, iteration / WEIGHTS)
-    generator = torch.Generator().manual_seed(0)
-    set_routing_state(model, method, {  # multiples of gamma, as the sign updates leave them
-        layer: torch.randint(-400, 400, (cfg.num_experts,), generator=generator).float() * 1e-3
-        for layer in cfg.moe_layers})
-    staging = staging_dir(dst, 0)
-    save_model_weights(model, staging / WEIGHTS)
-    write_model_meta(staging, meta)
-    save_method(staging, method)
-    shutil.copytree(iteration / TOKENIZER, staging / TOKENIZER)
-    return publish(dst, 0)
+    return with_routing(plain_ckpt, dst, method, seed=0)
 
 
 def randomized(hf_dir: str) -> str:

@@ -19,6 +19,15 @@ from pathlib import Path
 import torch
 
 
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--base`, `--models`, `--labels`: the analyses that compare fine-tuned models with a base."""
+    parser.add_argument("--base", required=True,
+                        help="the base model (HF directory or megatron_ec checkpoint)")
+    parser.add_argument("--models", required=True, nargs="+",
+                        help="fine-tuned HF directories or megatron_ec checkpoints")
+    parser.add_argument("--labels", nargs="+", default=None, help="one name per model")
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data and runtime options the model-running analyses share."""
     parser.add_argument("--data", required=True,

@@ -27,11 +27,7 @@ from megatron_ec.analysis import capture, inputs, plots, stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True,
-                        help="the base model (HF directory or megatron_ec checkpoint)")
-    parser.add_argument("--models", required=True, nargs="+",
-                        help="fine-tuned HF directories or megatron_ec checkpoints")
-    parser.add_argument("--labels", nargs="+", default=None, help="one name per model")
+    inputs.add_comparison_arguments(parser)
     parser.add_argument("--inputs", choices=("base", "own"), default="base",
                         help="hidden states the fine-tuned MoE blocks see (see the docs)")
     inputs.add_data_arguments(parser)
