@@ -47,5 +47,6 @@ def assemble_model(model_cfg: MoEModelConfig, method: Method, parallel: Parallel
     hook = family.attention_hook(model_cfg) if family is not None else None
     spec = decoder_block_spec(tcfg, method.router_builder(facts), hook,
                               experts_builder=method.experts_builder(facts),
-                              experts_wrapper=method.experts_wrapper(facts))
+                              experts_wrapper=method.experts_wrapper(facts),
+                              attention_backend=runtime.attention_backend)
     return build_gpt_model(model_cfg, tcfg, spec), tcfg

@@ -1,0 +1,280 @@
+"""Training-step benchmark: our train step against stock HF transformers, side by side, as JSON.
+
+One run times every variant on the same model, shapes and threads, each in its own process
+(one after another): Megatron-Core's stock router, our methods (sft, bias, condenser paper and
+reference modes, esft, densemixer), stock HF transformers, and the reference code's approach
+(HF with the MoE block computed twice, `train_bench_steps._ReferenceBlock`). Each process first
+times a 2048^3 fp32 GEMM (the peak its threads reach now), then warm-up and timed optimizer steps,
+and reports tokens/s (median step), model FLOP/s, the fraction of its GEMM peak, and peak RSS.
+
+Targets (issue 13), as ratios within one run: bias and condenser-paper tokens/s >= 1.0 x HF's;
+model FLOP/s >= 0.55 of the GEMM peak; our router <= 3% slower than the stock one (sft vs
+stock_router). Each variant of our step can take backend options (`--runtime KEY=VALUE`, the
+`RuntimeOptions` fields, e.g. attention_backend=sdpa; `--train KEY=VALUE`, `TrainConfig` fields)
+and a suffix: `--variants bias,bias@unfused` with `--alias unfused:attention_backend=unfused`.
+
+    python tools/bench/train_bench.py --out tools/bench/train_bench.cpu2.json
+    python tools/bench/train_bench.py --quick           # a few seconds: tiny shapes, 1 step
+
+Not part of the test suite (`tests/test_train_bench.py` runs `--quick` as a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_bench_steps import (  # noqa: E402  (after the path set-up)
+    HF_VARIANTS,
+    METHOD_VARIANTS,
+    Shapes,
+    expert_flops_per_token,
+    model_flops_per_token,
+)
+
+DEFAULT_VARIANTS = ("hf", "stock_router", "sft", "bias", "condenser_paper", "condenser_reference",
+                    "esft", "densemixer", "hf_reference")
+QUICK_SHAPES = Shapes(hidden=64, layers=2, heads=4, experts=8, topk=2, expert_ffn=32,
+                      shared_ffn=64, vocab=256, seq=32, batch=2)
+TARGETS = {"bias_vs_hf": 1.0, "condenser_paper_vs_hf": 1.0, "gemm_fraction": 0.55,
+           "router_overhead": 0.03}
+
+
+class GemmProbe:
+    """fp32 FLOP/s of a size^3 matrix product on this process's threads, timed on demand: next
+    to every timed step, so that a step and its peak share the machine's load of the moment."""
+
+    def __init__(self, size: int) -> None:
+        import torch
+
+        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
+        self.flops = 2.0 * size**3
+        torch.mm(self.a, self.b)
+
+    def rate(self, reps: int = 2) -> float:
+        import torch
+
+        best = float("inf")
+        for _ in range(reps):
+            began = time.perf_counter()
+            torch.mm(self.a, self.b)
+            best = min(best, time.perf_counter() - began)
+        return self.flops / best
+
+
+def _parse_keys(items: list[str]) -> dict:
+    """KEY=VALUE pairs, values as YAML scalars (true, 3, sdpa)."""
+    import yaml
+
+    keys = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"train_bench: {item!r}: expected KEY=VALUE")
+        keys[key] = yaml.safe_load(value)
+    return keys
+
+
+def run_child(spec: dict) -> dict:
+    """Time one variant in this process; the JSON-able result."""
+    import torch
+
+    from train_bench_steps import hf, ours
+
+    torch.set_num_threads(spec["threads"])
+    shapes = Shapes(**spec["shapes"])
+    probe = GemmProbe(spec["gemm_size"])
+    base = spec["variant"].split("@")[0]
+    if base in HF_VARIANTS:
+        step = hf(base, shapes)
+    else:
+        step = ours(base, shapes, spec["runtime"], spec["train"])
+    for _ in range(spec["warmup"]):
+        step.run()
+    times, peaks = [], []
+    for _ in range(spec["steps"]):
+        peaks.append(probe.rate())
+        began = time.perf_counter()
+        step.run()
+        times.append(time.perf_counter() - began)
+    peaks.append(probe.rate())
+    return _result(spec, shapes, step, times, peaks)
+
+
+def _result(spec: dict, shapes: Shapes, step, times: list[float], peaks: list[float]) -> dict:
+    median = statistics.median(times)
+    step_flops = model_flops_per_token(shapes) * step.tokens
+    # each step against the better of the GEMM timings just before and just after it
+    fractions = [step_flops / t / max(peaks[i], peaks[i + 1]) for i, t in enumerate(times)]
+    slots = step.expert_slots_forward
+    return {
+        "variant": spec["variant"], "step_seconds": times, "median_step_seconds": median,
+        "tokens_per_s": step.tokens / median, "model_flops_per_s": step_flops / median,
+        "gemm_peak_flops_per_s": max(peaks), "gemm_flops_per_s_by_step": peaks,
+        "gemm_fraction": statistics.median(fractions),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "expert_slots_forward": slots,
+        "expert_forward_flops_per_token_layer": expert_flops_per_token(shapes, slots),
+        "expert_flops_vs_topk": slots / shapes.topk,
+        "expert_saved_activation_mib": step.expert_saved_rows * step.tokens * shapes.hidden
+        * shapes.layers * 4 / 2**20,
+        **step.info,
+    }
+
+
+def _variant_spec(args, variant: str, shapes: Shapes) -> dict:
+    runtime, train = dict(args.runtime_keys), dict(args.train_keys)
+    base, _, alias = variant.partition("@")
+    if base not in METHOD_VARIANTS and base not in HF_VARIANTS:
+        raise SystemExit(f"train_bench: unknown variant {base!r}; known: "
+                         f"{', '.join([*METHOD_VARIANTS, *HF_VARIANTS])}")
+    if alias:
+        if alias not in args.aliases:
+            raise SystemExit(f"train_bench: variant {variant}: no --alias {alias}:KEY=VALUE")
+        for section, keys in args.aliases[alias].items():
+            (runtime if section == "runtime" else train).update(keys)
+    return {"variant": variant, "threads": args.threads, "shapes": dataclasses.asdict(shapes),
+            "warmup": args.warmup, "steps": args.steps, "gemm_size": args.gemm_size,
+            "runtime": runtime, "train": train}
+
+
+def run_variant(spec: dict) -> dict:
+    """Run one variant in a fresh process (`--child`); its result or its error."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TORCH_COMPILE_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"variant": spec["variant"], "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def ratios(results: dict[str, dict], key: str) -> dict:
+    """The targets' values from `key` of each result ("tokens_per_s": raw, or "gemm_fraction":
+    tokens/s over the GEMM rate timed next to each step, which cancels load drift between the
+    variants' processes); None where a variant it needs is missing or failed."""
+    def value(name):
+        return results.get(name, {}).get(key)
+
+    def vs(a, b):
+        return value(a) / value(b) if value(a) and value(b) else None
+
+    sft_vs_stock = vs("sft", "stock_router")
+    ours = [r["gemm_fraction"] for n, r in results.items()
+            if "gemm_fraction" in r and n.split("@")[0] not in HF_VARIANTS]
+    measured = {
+        "bias_vs_hf": vs("bias", "hf"), "condenser_paper_vs_hf": vs("condenser_paper", "hf"),
+        "gemm_fraction": max(ours, default=None),
+        # our router's extra time per step, as a fraction of the stock router's step
+        "router_overhead": 1.0 / sft_vs_stock - 1.0 if sft_vs_stock else None,
+    }
+    measured.update({f"{n}_vs_hf": vs(n, "hf") for n in results if n != "hf"})
+    return measured
+
+
+def verdicts(measured: dict) -> dict:
+    """Target met (True/False) per target; None when not measured."""
+    out = {}
+    for name, target in TARGETS.items():
+        value = measured.get(name)
+        met = value <= target if name == "router_overhead" else value >= target if value else None
+        out[name] = None if value is None else met
+    return out
+
+
+def _uptime() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+    shapes = QUICK_SHAPES if args.quick else Shapes()
+    variants = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS)
+    specs = [_variant_spec(args, v, shapes) for v in variants]
+    began, load_before = time.monotonic(), _uptime()
+    results = {}
+    for spec in specs:
+        results[spec["variant"]] = result = run_variant(spec)
+        print(_summary(result), file=sys.stderr, flush=True)
+    report = {"shapes": dataclasses.asdict(shapes), "threads": args.threads,
+              "warmup": args.warmup, "steps": args.steps, "machine_cpus": os.cpu_count(),
+              "loadavg_before": load_before, "loadavg_after": _uptime(),
+              "wall_seconds": time.monotonic() - began, "command": " ".join(sys.argv),
+              "model_flops_per_token": model_flops_per_token(shapes),
+              "targets": TARGETS, "measured_tokens_per_s": ratios(results, "tokens_per_s"),
+              "measured_gemm_normalised": ratios(results, "gemm_fraction"), "results": results}
+    report["met_tokens_per_s"] = verdicts(report["measured_tokens_per_s"])
+    report["met_gemm_normalised"] = verdicts(report["measured_gemm_normalised"])
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+def _summary(result: dict) -> str:
+    if "error" in result:
+        return f"{result['variant']:>24}: FAILED {result['error']}"
+    return (f"{result['variant']:>24}: {result['tokens_per_s']:8.1f} tokens/s, "
+            f"{result['gemm_fraction']:.3f} of GEMM peak, {result['peak_rss_mib']:.0f} MiB RSS")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the JSON report here (it is printed anyway)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 1 step")
+    parser.add_argument("--variants", help="comma-separated; default: " + ",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gemm-size", type=int, default=2048)
+    parser.add_argument("--runtime", action="append", default=[], metavar="KEY=VALUE",
+                        help="RuntimeOptions field for our variants (repeatable)")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig field for our variants (repeatable)")
+    parser.add_argument("--alias", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE",
+                        help="options of variant suffix @NAME, e.g. unfused:runtime."
+                             "attention_backend=unfused (repeatable)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps, args.gemm_size = 1, 1, 256
+    args.runtime_keys, args.train_keys = _parse_keys(args.runtime), _parse_keys(args.train)
+    args.aliases = _parse_aliases(args.alias)
+    return args
+
+
+def _parse_aliases(items: list[str]) -> dict[str, dict[str, dict]]:
+    aliases: dict[str, dict[str, dict]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        section, dot, pair = rest.partition(".")
+        if not sep or not dot or section not in ("runtime", "train"):
+            raise SystemExit(f"train_bench: --alias {item!r}: expected NAME:runtime.KEY=VALUE "
+                             "or NAME:train.KEY=VALUE")
+        aliases.setdefault(name, {}).setdefault(section, {}).update(_parse_keys([pair]))
+    return aliases
+
+
+if __name__ == "__main__":
+    sys.exit(main())
