@@ -191,8 +191,12 @@ def verdicts(measured: dict) -> dict:
     out = {}
     for name, target in TARGETS.items():
         value = measured.get(name)
-        met = value <= target if name == "router_overhead" else value >= target if value else None
-        out[name] = None if value is None else met
+        if value is None:
+            out[name] = None
+        elif name == "router_overhead":  # a ceiling; the others are floors
+            out[name] = value <= target
+        else:
+            out[name] = value >= target
     return out
 
 
