@@ -49,7 +49,8 @@ def assemble_model(model_cfg: MoEModelConfig, method: Method, parallel: Parallel
     spec = decoder_block_spec(tcfg, method.router_builder(facts), hook,
                               experts_builder=method.experts_builder(facts),
                               experts_wrapper=method.experts_wrapper(facts),
-                              moe_layer=method.moe_layer_class(facts))
+                              moe_layer=method.moe_layer_class(facts),
+                              attention_backend=runtime.attention_backend)
     model = build_gpt_model(model_cfg, tcfg, spec)
     install_ep_counters(model)
     return model, tcfg

@@ -258,3 +258,91 @@ def with_sharded_sinks(block_spec):
         return _replace_submodules(spec, core_attention=SinkDotProductAttention)
 
     return map_attention(block_spec, edit)
+
+
+ATTENTION_BACKENDS = ("unfused", "sdpa")
+"""`train.attention_backend` values of the local (non-TE) backend."""
+
+
+class _SDPAForward:
+    """The core-attention forward through `torch.nn.functional.scaled_dot_product_attention`.
+
+    Same inputs and output as MCore's local `DotProductAttention.forward` (query `[sq, b, n, d]`,
+    key/value `[sk, b, g, d]` with g query groups, output `[sq, b, n * dv]`), and the same
+    result in fp32 up to rounding: the mask is MCore's (bool, True = masked out, `[b, 1, sq, sk]`,
+    causal and packed-sample blocks included), turned into SDPA's (True = attend); None with a
+    causal mask type is SDPA's `is_causal`. MCore fills masked scores with -10000 where SDPA uses
+    -inf: equal after the softmax in fp32 whenever a row keeps one key (the batch contract gives
+    every query itself), different only for a fully masked row. No parameters, so checkpoints
+    are those of the unfused path. On CPU this picks the fused flash kernel; on a GPU without
+    Transformer Engine the flash/memory-efficient kernels.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("train.attention_backend=sdpa: packed_seq_params and attention "
+                             "bias are Transformer Engine features; use the unfused backend")
+        from megatron.core.transformer.enums import AttnMaskType
+
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:  # MCore's GQA expansion, as the unfused path does it
+            key = key.repeat_interleave(groups, dim=2)
+            value = value.repeat_interleave(groups, dim=2)
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal and query.size(0) > 1
+        allowed = None if attention_mask is None else ~attention_mask
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.attention_dropout.p if self.training else 0.0
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal,
+            scale=self.softmax_scale * (self.scale_mask_softmax.scale or 1.0))
+        # [b, n, sq, dv] -> [sq, b, n * dv]
+        context = context.permute(2, 0, 1, 3).contiguous()
+        return context.view(*context.shape[:2], -1)
+
+
+class SDPAttention(_SDPAForward, DotProductAttention):
+    """MCore's local `DotProductAttention` computed by SDPA (`train.attention_backend=sdpa`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _check_sdpa_supported(self)
+
+
+class MLASDPAttention(_SDPAForward, MLACoreAttention):
+    """`MLACoreAttention` (key and value widths differ) computed by SDPA."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _check_sdpa_supported(self)
+
+
+def _check_sdpa_supported(module) -> None:
+    if module.softmax_offset is not None:
+        raise ValueError("train.attention_backend=sdpa does not support attention sinks "
+                         "(GPT-OSS); use train.attention_backend=unfused")
+    if module.scale_mask_softmax.window_size is not None:
+        raise ValueError("train.attention_backend=sdpa does not support sliding-window layers "
+                         "(GPT-OSS); use train.attention_backend=unfused")
+
+
+_SDPA_CLASSES = {DotProductAttention: SDPAttention, MLACoreAttention: MLASDPAttention}
+
+
+def use_sdpa(block_spec):
+    """Local core attention -> its SDPA twin (a spec with TE's attention is returned unchanged:
+    Transformer Engine brings its own fused attention). Sinks and sliding windows are refused
+    when the layer is built."""
+
+    def edit(spec):
+        core = spec.submodules.core_attention
+        if core is SinkDotProductAttention:
+            raise ValueError("train.attention_backend=sdpa does not support attention sinks "
+                             "(GPT-OSS); use train.attention_backend=unfused")
+        if core not in _SDPA_CLASSES:
+            return spec
+        return _replace_submodules(spec, core_attention=_SDPA_CLASSES[core])
+
+    return map_attention(block_spec, edit)

@@ -42,8 +42,16 @@ class RuntimeOptions:
     num_router_slots: int | None = None
     """Routed slots per token given to the dispatcher; None = the family's top-k."""
     seq_length: int = 4096
+    attention_backend: str = "unfused"
+    """Core attention of the local backend: "unfused" (MCore's DotProductAttention) or "sdpa"
+    (`torch.nn.functional.scaled_dot_product_attention`); TE layers use their own."""
 
     def __post_init__(self) -> None:
+        from megatron_ec.models.attention import ATTENTION_BACKENDS
+
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r}: use "
+                             + " or ".join(ATTENTION_BACKENDS))
         if self.precision not in ("fp32", "bf16", "fp8"):
             raise ValueError(f"precision={self.precision!r}: use fp32, bf16 or fp8")
         if self.recompute not in ("none", "selective", "full"):
@@ -242,7 +250,8 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
                        attention_hook: Callable | None = None,
                        experts_builder: Callable | None = None,
                        experts_wrapper: Callable | None = None,
-                       moe_layer: type | None = None):
+                       moe_layer: type | None = None,
+                       attention_backend: str = "unfused"):
     """The decoder block spec for this machine's backend, with a method's router injected.
 
     Args:
@@ -253,6 +262,8 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
         experts_builder: a method's `MoESubmodules.experts` builder; None = MCore's experts.
         experts_wrapper: a method's function of the experts builder (`Method.experts_wrapper`).
         moe_layer: a method's `MoELayer` subclass (`Method.moe_layer_class`); None = MCore's.
+        attention_backend: "sdpa" swaps the local core attention for its SDPA twin (after the
+            family's hook; `megatron_ec.models.attention.use_sdpa`); no effect on TE specs.
     """
     if use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -262,6 +273,10 @@ def decoder_block_spec(tcfg, router_builder: Callable | None = None,
         spec = local_block_spec(tcfg)
     if attention_hook is not None:
         spec = attention_hook(spec)
+    if attention_backend == "sdpa":
+        from megatron_ec.models.attention import use_sdpa
+
+        spec = use_sdpa(spec)
     if any(x is not None for x in (router_builder, experts_builder, experts_wrapper, moe_layer)):
         spec = inject_moe_submodules(spec, router=router_builder, experts=experts_builder,
                                      wrap_experts=experts_wrapper, layer_class=moe_layer)

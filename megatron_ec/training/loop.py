@@ -78,7 +78,8 @@ def build_model(start: StartPoint, cfg: FinetuneConfig, method: Method):
     from megatron_ec.models.family import get_family
 
     runtime = RuntimeOptions(precision=cfg.train.precision, recompute=cfg.train.recompute,
-                             seq_length=cfg.data.seq_length)
+                             seq_length=cfg.data.seq_length,
+                             attention_backend=cfg.train.attention_backend)
     family = get_family(start.family) if start.family else None
     model, tcfg = assemble_model(start.model_cfg, method, cfg.parallel, runtime, family=family)
     if torch.cuda.is_available():  # built on the host (use_cpu_initialization): as get_model

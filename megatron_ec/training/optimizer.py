@@ -129,10 +129,11 @@ class TorchAdamW:
         self.frozen = [p for p in model.parameters() if not p.requires_grad]
         if self.frozen:
             groups.append({"params": self.frozen, "weight_decay": 0.0})
-        # foreach=False: the per-tensor loop is bitwise reproducible regardless of grouping.
+        # "loop" (foreach=False) is bitwise reproducible regardless of grouping; "foreach" runs
+        # each update term over all tensors of a group at once (fewer, larger kernels).
         self.inner = torch.optim.AdamW(
-            groups, lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False,
+            groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            foreach=cfg.optimizer_impl == "foreach",
         )
 
     def set_lr(self, lr: float) -> None:
