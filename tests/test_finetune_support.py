@@ -199,7 +199,9 @@ def demo_overrides(checkpoint: Path, train: Path, root: Path, **extra) -> list[s
     args = [f"model.checkpoint={checkpoint}", f"data.train={train}",
             f"data.cache_dir={root / 'data_cache'}",
             f"phases.bias.output.dir={root / 'phase1'}",
-            f"phases.condenser.output.dir={root / 'phase2'}", "output.tensorboard=false"]
+            f"phases.condenser.output.dir={root / 'phase2'}", "output.tensorboard=false",
+            # the demo's SFT baseline phase: one step, out of the way of the chain under test
+            f"phases.sft.output.dir={root / 'sft'}", "phases.sft.train.max_steps=1"]
     return args + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
 
 

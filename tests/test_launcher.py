@@ -31,9 +31,9 @@ def test_every_recipe_key_is_overridable_and_listed():
                                             "pipeline.eval.heldout=", "phases.bias.train.lr=1e-4",
                                             "train.max_steps=3"])
     assert recipe.pipeline.demo_num_train == 400 and not recipe.pipeline.eval.heldout
-    bias, condenser = recipe.configs()
+    bias, condenser, sft = recipe.configs()
     assert bias.train.lr == 1e-4 and condenser.train.lr == 3e-3
-    assert bias.train.max_steps == condenser.train.max_steps == 3
+    assert bias.train.max_steps == condenser.train.max_steps == sft.train.max_steps == 3
     cases = {
         "pipeline.demo_num_trian=1": "did you mean 'pipeline.demo_num_train'?",
         "pipeline.nope=1": "valid keys of pipeline: pipeline.hf_model, pipeline.export_dir, "
@@ -101,13 +101,15 @@ def test_a_failed_step_stops_the_launcher_with_one_line(tmp_path):
 
 
 def _demo_overrides(root: Path, phase1: str = "phase1", phase2: str = "phase2") -> list[str]:
-    """The demo recipe, tiny: 240 problems, 3 steps per phase at global batch 8, no evaluation."""
+    """The demo recipe, tiny: 240 problems, 3 steps per EC phase (1 for the SFT baseline) at
+    global batch 8, no evaluation or analysis."""
     return [f"model.checkpoint={root / 'ckpt'}", f"data.train={root / 'data' / 'train.jsonl'}",
             f"data.cache_dir={root / 'data_cache'}", f"phases.bias.output.dir={root / phase1}",
             f"phases.condenser.output.dir={root / phase2}", "output.tensorboard=false",
             "train.max_steps=3", "train.global_batch_size=8", "output.log_interval=1",
             f"pipeline.hf_model={root / 'hf_base'}", f"pipeline.export_dir={root / 'hf'}",
-            "pipeline.demo_num_train=240", "pipeline.eval.heldout="]
+            "pipeline.demo_num_train=240", "pipeline.eval.heldout=", "pipeline.analysis_dir=",
+            f"phases.sft.output.dir={root / (phase1 + '_sft')}", "phases.sft.train.max_steps=1"]
 
 
 def _run_nodes(root: Path, overrides: list[str], fault: str | None = None,

@@ -139,8 +139,13 @@ def test_progress_plain_lines_when_not_a_tty():
 @pytest.mark.parametrize("recipe", sorted(Path(__file__).parents[1].glob("examples/recipes/*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(recipe):
-    configs = Recipe.load(str(recipe)).configs()
-    assert [c.method.name for c in configs] == ["bias", "condenser"]
+    loaded = Recipe.load(str(recipe))
+    main = [loaded.phase_config(p.name) for p in loaded.main_phases()]
+    baselines = [loaded.phase_config(name) for name in loaded.pipeline.baselines]
+    assert [c.method.name for c in main] == ["bias", "condenser"]
+    for baseline in baselines:  # the demo's SFT: from the import, not from phase 2
+        assert baseline.model.checkpoint == main[0].model.checkpoint
+    configs = main + baselines
     assert configs[1].model.checkpoint == configs[0].output.dir
     if recipe.name != "demo.yaml":  # the paper's App. C settings
         for cfg in configs:
