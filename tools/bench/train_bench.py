@@ -61,16 +61,28 @@ TARGETS = {"bias_vs_hf": 1.0, "condenser_paper_vs_hf": 1.0, "gemm_fraction": 0.5
            "router_overhead": 0.03}
 
 
-class GemmProbe:
-    """fp32 FLOP/s of a size^3 matrix product on this process's threads, timed on demand: next
-    to every timed step, so that a step and its peak share the machine's load of the moment."""
-
-    def __init__(self, size: int) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA launches return before the kernels finish)."""
+    if device.startswith("cuda"):
         import torch
 
-        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
-        self.flops = 2.0 * size**3
+        torch.cuda.synchronize()
+
+
+class GemmProbe:
+    """FLOP/s of a size^3 matrix product (fp32 on CPU threads; the step's dtype on a GPU), timed
+    on demand: next to every timed step, so that a step and its peak share the machine's load of
+    the moment."""
+
+    def __init__(self, size: int, device: str = "cpu", precision: str = "fp32") -> None:
+        import torch
+
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
+        self.flops, self.device = 2.0 * size**3, device
         torch.mm(self.a, self.b)
+        synchronize(device)
 
     def rate(self, reps: int = 2) -> float:
         import torch
@@ -79,6 +91,7 @@ class GemmProbe:
         for _ in range(reps):
             began = time.perf_counter()
             torch.mm(self.a, self.b)
+            synchronize(self.device)
             best = min(best, time.perf_counter() - began)
         return self.flops / best
 
@@ -108,23 +121,26 @@ def serve(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     shapes = Shapes(**spec["shapes"])
-    probe = GemmProbe(spec["gemm_size"])
+    device, precision = spec.get("device", "cpu"), spec.get("precision", "fp32")
+    probe = GemmProbe(spec["gemm_size"], device, precision)
     base = spec["variant"].split("@")[0]
     if base in HF_VARIANTS:
-        step = hf(base, shapes)
+        step = hf(base, shapes, device, precision)
     else:
-        step = ours(base, shapes, spec["runtime"], spec["train"])
+        step = ours(base, shapes, spec["runtime"], spec["train"], precision)
     times, peaks = [], []
     print("ready", flush=True)
     for command in sys.stdin:
         command = command.strip()
         if command == "warm":
             step.run()
+            synchronize(device)
             print("{}", flush=True)
         elif command == "step":
             peaks.append(probe.rate())
             began = time.perf_counter()
             step.run()
+            synchronize(device)
             times.append(time.perf_counter() - began)
             print(json.dumps({"seconds": times[-1]}), flush=True)
         elif command == "end":
@@ -179,6 +195,7 @@ def _result(spec: dict, shapes: Shapes, step, times: list[float], peaks: list[fl
         "gemm_peak_flops_per_s": max(peaks), "gemm_flops_per_s_by_step": peaks,
         "gemm_fraction": statistics.median(fractions), "best_gemm_fraction": max(fractions),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_memory_mib": _peak_gpu_mib(spec.get("device", "cpu")),
         "expert_slots_forward": slots,
         "expert_forward_flops_per_token_layer": expert_flops_per_token(shapes, slots),
         "expert_flops_vs_topk": slots / shapes.topk,
@@ -186,6 +203,14 @@ def _result(spec: dict, shapes: Shapes, step, times: list[float], peaks: list[fl
         * shapes.layers * 4 / 2**20,
         **step.info,
     }
+
+
+def _peak_gpu_mib(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _variant_spec(args, variant: str, shapes: Shapes) -> dict:
@@ -201,7 +226,8 @@ def _variant_spec(args, variant: str, shapes: Shapes) -> dict:
             (runtime if section == "runtime" else train).update(keys)
     return {"variant": variant, "threads": args.threads, "shapes": dataclasses.asdict(shapes),
             "warmup": args.warmup, "steps": args.steps, "gemm_size": args.gemm_size,
-            "runtime": runtime, "train": train}
+            "runtime": runtime, "train": train, "device": args.device,
+            "precision": args.precision}
 
 
 def run_all(specs: list[dict], warmup: int, steps: int, log_dir: Path,
@@ -346,6 +372,11 @@ def _parse(argv):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 1 step")
     parser.add_argument("--variants", help="comma-separated; default: " + ",".join(DEFAULT_VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: both sides on the GPU (tools/gpu_check.sh)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16 (GPU only): Float16Module + Megatron's optimizer for ours, "
+                             "bf16 weights for HF")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gemm-size", type=int, default=2048)

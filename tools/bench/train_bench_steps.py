@@ -112,7 +112,8 @@ def _slots(variant: str, shapes: Shapes) -> tuple[float, float]:
     return k, k
 
 
-def ours(variant: str, shapes: Shapes, runtime_keys: dict, train_keys: dict) -> Step:
+def ours(variant: str, shapes: Shapes, runtime_keys: dict, train_keys: dict,
+         precision: str = "fp32") -> Step:
     """Our train step for a method variant (a world of one process, gloo)."""
     from megatron_ec.models.assembly import assemble_model
     from megatron_ec.models.builder import RuntimeOptions
@@ -129,14 +130,23 @@ def ours(variant: str, shapes: Shapes, runtime_keys: dict, train_keys: dict) -> 
     family = get_family("qwen2_moe")
     model_cfg = family.to_model_config(shapes.hf_config())
     method = _method(variant, shapes)
-    runtime = RuntimeOptions(seq_length=shapes.seq, **runtime_keys)
+    runtime = RuntimeOptions(seq_length=shapes.seq, precision=precision, **runtime_keys)
     model, tcfg = assemble_model(model_cfg, method, parallel, runtime, family=family)
     batch = _batch(shapes)
+    cuda = torch.cuda.is_available()
+    if cuda:  # as the trainer's build_model: built on the host, moved, then wrapped
+        model.cuda(torch.cuda.current_device())
+        batch = {key: value.cuda() for key, value in batch.items()}
     method.begin_phase(PhaseStart(model, make_method("sft"), resumed=False,
                                   micro_batches=lambda: [batch]))
     method.set_trainable(model)
-    ddp = wrap_ddp(model, tcfg)
-    optimizer = build_optimizer(ddp, TrainConfig(lr=1e-5, **train_keys))
+    wrapped = model  # the method's hooks keep the GPTModel; DDP gets the bf16 wrapper
+    if precision != "fp32":
+        from megatron.core.transformer.module import Float16Module
+
+        wrapped = Float16Module(tcfg, model)
+    ddp = wrap_ddp(wrapped, tcfg, use_distributed_optimizer=cuda)
+    optimizer = build_optimizer(ddp, TrainConfig(lr=1e-5, precision=precision, **train_keys))
 
     def run() -> None:
         ddp.zero_grad_buffer()
@@ -148,7 +158,7 @@ def ours(variant: str, shapes: Shapes, runtime_keys: dict, train_keys: dict) -> 
 
     forward, saved = _slots(variant, shapes)
     return Step(run, shapes.batch * shapes.seq, forward, saved,
-                {"runtime": runtime_keys, "train": train_keys})
+                {"runtime": runtime_keys, "train": train_keys, "precision": precision})
 
 
 class _ReferenceBlock(torch.nn.Module):
@@ -180,18 +190,19 @@ class _ReferenceBlock(torch.nn.Module):
         return first.copy_((routed + shared).view(b, s, h))
 
 
-def hf(variant: str, shapes: Shapes) -> Step:
+def hf(variant: str, shapes: Shapes, device: str = "cpu", precision: str = "fp32") -> Step:
     """HF transformers' Qwen2-MoE train step (stock, or the reference code's double block)."""
     from transformers import Qwen2MoeForCausalLM
 
     torch.manual_seed(1234)
-    model = Qwen2MoeForCausalLM(shapes.hf_config())
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = Qwen2MoeForCausalLM(shapes.hf_config()).to(device=device, dtype=dtype)
     model.train()
     if variant == "hf_reference":
         for layer in model.model.layers:
             layer.mlp = _ReferenceBlock(layer.mlp)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tokens = _batch(shapes)["tokens"]
+    tokens = _batch(shapes)["tokens"].to(device)
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
