@@ -32,13 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _labelled(items: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for item in items:
-        label, sep, hf_dir = item.partition("=")
-        if not sep or not label or not hf_dir:
-            raise ValueError(f"--compare {item!r}: expected LABEL=DIR, e.g. sft=runs/demo/sft/hf")
-        pairs.append((label, hf_dir))
-    return pairs
+    from megatron_ec.eval.demo_eval import labelled_dir
+
+    return [labelled_dir(item) for item in items]
 
 
 def _run(name: str, out: str, argv: list[str]) -> dict:

@@ -111,7 +111,8 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _labelled(item: str) -> tuple[str, str]:
+def labelled_dir(item: str) -> tuple[str, str]:
+    """`LABEL=DIR` of a `--compare` argument (the demo evaluation and `analyze demo`)."""
     label, sep, hf_dir = item.partition("=")
     if not sep or not label or not hf_dir:
         raise ValueError(f"--compare {item!r}: expected LABEL=DIR, e.g. sft=runs/demo/sft/hf")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet()
     try:
-        compare = [_labelled(item) for item in args.compare]
+        compare = [labelled_dir(item) for item in args.compare]
         checked = [("--hf", args.hf), ("--base", args.base)] + [("--compare", d) for _, d in compare]
         for flag, value in checked:
             # Checked here: transformers would take a missing directory for a hub repo id.
